@@ -1,0 +1,51 @@
+"""The core's own hook implementations: PEFT's rules, registered last so plugins can answer first."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from peftcore import matching, serialization
+from peftcore.plugins import get_method, hookimpl
+
+
+@hookimpl(trylast=True)
+def default_target_modules(config, model_type):
+    targets = matching.DEFAULT_ATTENTION_TARGETS.get(model_type)
+    return list(targets) if targets is not None else None
+
+
+@hookimpl(trylast=True)
+def is_target_module(config, module_name, module, model):
+    return matching.matches_target(config, module_name)
+
+
+@hookimpl(trylast=True)
+def merge_layer(layer, adapter_names, safe_merge):
+    layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+    return True
+
+
+@hookimpl(trylast=True)
+def unmerge_layer(layer):
+    layer.unmerge()
+    return True
+
+
+@hookimpl(trylast=True)
+def config_from_dict(data):
+    return get_method(data["peft_type"]).config_class.from_dict(data)
+
+
+@hookimpl(trylast=True)
+def config_to_dict(config):
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+@hookimpl(trylast=True)
+def adapter_state_dict(model, config, adapter_name):
+    return serialization.default_adapter_state_dict(model, config, adapter_name)
+
+
+@hookimpl(trylast=True)
+def load_adapter_state_dict(model, config, adapter_name, state_dict):
+    return serialization.default_load_adapter_state_dict(model, config, adapter_name, state_dict)

@@ -1,0 +1,150 @@
+"""The plugin contract: every seam between the core and a method, as pluggy hooks.
+
+Read top to bottom, this is the architecture. A method plugin is a module (or a
+class) with functions named like the specs below, decorated with
+``peftcore.hookimpl`` and advertised under the entry-point group ``peftcore``.
+The core's own defaults (PEFT's matching rules, its tensor naming, dispatching
+merges to the layer) are registered the same way, as the last resort
+(``trylast``), so a plugin overrides them simply by answering first.
+
+``firstresult`` hooks stop at the first implementation that returns something
+other than ``None``: returning ``None`` means "not mine, ask the next one".
+
+Versioned by ``peftcore.HOOKSPEC_VERSION``; a breaking change bumps it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from peftcore.config import PeftConfig
+    from peftcore.method import LayerSupport, Method
+
+hookspec = pluggy.HookspecMarker("peftcore")
+
+# 1. Discovery -----------------------------------------------------------------
+
+
+@hookspec
+def register_methods(register: Callable[[Method], None]) -> None:
+    """Announce methods: call ``register(Method(...))`` once per method.
+
+    A :class:`~peftcore.method.Method` names the ``peft_type`` written to
+    ``adapter_config.json``, its config class, and which sub-modules hold its
+    tensors (for the default on-disk naming).
+    """
+
+
+@hookspec
+def register_layer_support(register: Callable[[LayerSupport], None]) -> None:
+    """Announce which module types a method can wrap, and with what.
+
+    Call ``register(LayerSupport(peft_type, base_type, factory))``. Any plugin may
+    add a layer type to any method (e.g. LoRA for ``bnb.nn.Linear4bit``). When
+    several entries fit a module, the most specific wins: the one whose
+    ``base_type`` is closest in the module's class hierarchy, then the higher
+    ``priority``.
+    """
+
+
+# 2. Matching ------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def default_target_modules(config: PeftConfig, model_type: str) -> list[str] | None:
+    """Target module names for ``model_type`` when ``config.target_modules`` is None."""
+
+
+@hookspec(firstresult=True)
+def is_target_module(config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module) -> bool | None:
+    """Whether ``config`` targets the module at dotted path ``module_name``.
+
+    The core answers last with PEFT's rules (names, regex, "all-linear",
+    ``exclude_modules``, ``layers_to_transform``); a method answers first only to
+    change them.
+    """
+
+
+# 3. Injection -----------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def create_model_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> nn.Module | None:
+    """For methods that do not wrap layers (prompt, prefix tuning): the adapter.
+
+    Return an :class:`~peftcore.model_adapter.ModelAdapter` that edits the model's
+    inputs before each forward and ``generate``. Layer-wrapping methods return None.
+    """
+
+
+@hookspec
+def adapter_injected(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """Called once the core has wrapped every target of a new adapter.
+
+    The place for whole-model follow-ups: which extra parameters train (LoRA's
+    ``bias``), or per-model state such as AdaLoRA's rank allocator. ``model`` is
+    the :class:`~peftcore.tuner.AdapterModel`.
+    """
+
+
+# 4. Merging -------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def merge_layer(layer: nn.Module, adapter_names: list[str], safe_merge: bool) -> bool | None:
+    """Fold the adapters into ``layer``'s base weights; return True when done.
+
+    The core's default calls ``layer.merge(...)``; answer first to merge a layer
+    type differently (e.g. dequantise, add, re-quantise and report the error).
+    """
+
+
+@hookspec(firstresult=True)
+def unmerge_layer(layer: nn.Module) -> bool | None:
+    """Undo :func:`merge_layer` on ``layer``; return True when done."""
+
+
+@hookspec(firstresult=True)
+def combine_adapters(
+    model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, options: dict[str, Any]
+) -> bool | None:
+    """Build adapter ``adapter_name`` out of several existing ones (weighted merge, fusion).
+
+    ``model`` is the :class:`~peftcore.tuner.AdapterModel`; the new adapter's
+    config is already in ``model.peft_config``. Return True when handled.
+    """
+
+
+# 5. Serialization -------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def config_from_dict(data: dict[str, Any]) -> PeftConfig | None:
+    """Build a config from ``adapter_config.json``. The core resolves ``peft_type``."""
+
+
+@hookspec(firstresult=True)
+def config_to_dict(config: PeftConfig) -> dict[str, Any] | None:
+    """The JSON-ready dict written as ``adapter_config.json``."""
+
+
+@hookspec(firstresult=True)
+def adapter_state_dict(model: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, Tensor] | None:
+    """The tensors of one adapter under their on-disk names (PEFT's names).
+
+    ``model`` is the :class:`~peftcore.peft_model.PeftModel`. The core's default
+    renames parameters with ``Method.disk_key``; a method answers first when its
+    files do not mirror its parameters (prompt tuning stores the encoder output).
+    """
+
+
+@hookspec(firstresult=True)
+def load_adapter_state_dict(
+    model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, Tensor]
+) -> tuple[list[str], list[str]] | None:
+    """Copy on-disk tensors into adapter ``adapter_name``; return (missing, unexpected) keys."""

@@ -1,0 +1,160 @@
+"""Which modules a config targets, with PEFT's rules.
+
+These are the core's answers to the ``is_target_module`` and
+``default_target_modules`` hooks; plugins may answer first.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+# PEFT's per-architecture defaults for methods that adapt attention projections.
+DEFAULT_ATTENTION_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "electra": ["query", "value"],
+    "gpt2": ["c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma3": ["q_proj", "v_proj"],
+    "falcon": ["query_key_value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "vit": ["query", "value"],
+}
+
+
+def linear_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def _layer_index(key: str, layers_pattern) -> int | None:
+    if not layers_pattern:
+        found = re.match(r".*\.[^.]*\.(\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = None
+        for pattern in patterns:
+            found = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+            if found is not None:
+                break
+    return None if found is None else int(found.group(1))
+
+
+def is_excluded(config, key: str) -> bool:
+    exclude = getattr(config, "exclude_modules", None)
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, key) is not None
+    return key in exclude or any(key.endswith(f".{name}") for name in exclude)
+
+
+def matches_target(config, key: str) -> bool:
+    """PEFT's ``check_target_module_exists`` for one dotted module name."""
+    if is_excluded(config, key):
+        return False
+    to_save = getattr(config, "modules_to_save", None) or ()
+    if any(key == name or key.endswith(f".{name}") for name in to_save):
+        return False
+    targets = config.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    if not any(key.endswith(f".{name}") for name in targets):
+        return False
+    wanted = getattr(config, "layers_to_transform", None)
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    index = _layer_index(key, getattr(config, "layers_pattern", None))
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def all_linear_names(model: nn.Module, task_type=None) -> set[str]:
+    """Every Linear/Conv1D module's name except the output head, as PEFT expands "all-linear"."""
+    from transformers import PreTrainedModel
+
+    from peftcore.layer import AdapterLayer
+
+    names = set()
+    inside_adapters = set()
+    for name, module in model.named_modules():
+        if isinstance(module, linear_types()) or (isinstance(module, AdapterLayer) and "Linear" in type(module).__name__):
+            names.add(name)
+        if isinstance(module, AdapterLayer):
+            inside_adapters.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
+    excluded = set(inside_adapters)
+    if isinstance(model, PreTrainedModel):
+        head = model.get_output_embeddings()
+        if head is None and str(task_type) == "SEQ_CLS":
+            head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
+        if head is not None:
+            excluded.update(name for name, module in model.named_modules() if module is head)
+    return names - excluded
+
+
+def resolve_targets(config, model: nn.Module) -> None:
+    """Fill in ``target_modules`` when None (per-architecture defaults) or "all-linear"."""
+    from peftcore.plugins import hooks
+
+    if not hasattr(config, "target_modules"):
+        return
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = hooks.default_target_modules(config=config, model_type=model_type)
+        if targets is None:
+            raise ValueError(
+                f"target_modules is None and there is no default for model_type {model_type!r} "
+                f"({type(config).__name__}); pass target_modules explicitly, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
+            )
+        config.target_modules = set(targets)
+    elif isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        config.target_modules = all_linear_names(model, config.task_type)
+
+
+def describe_no_match(config, model: nn.Module) -> str:
+    names = [name for name, _ in model.named_modules() if name]
+    leaves = [name for name, module in model.named_modules() if name and not list(module.children())]
+    sample = ", ".join(leaves[:12]) + (" ..." if len(leaves) > 12 else "")
+    targets = config.target_modules
+    shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    extra = ""
+    if getattr(config, "layers_to_transform", None) is not None:
+        extra = f" with layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r}"
+    if getattr(config, "exclude_modules", None):
+        extra += f" after exclude_modules={config.exclude_modules!r}"
+    return (
+        f"Target modules {shown!r}{extra} matched no module of {type(model).__name__} "
+        f"({len(names)} modules). Some module names: {sample}"
+    )

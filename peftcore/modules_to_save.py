@@ -1,0 +1,89 @@
+"""Fully trained copies of selected modules (``modules_to_save``), one per adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps ``original_module`` frozen and trains a copy per adapter (PEFT's layout)."""
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: str | None = None
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # attributes such as ``weight`` or ``out_features`` read through to the module in use
+            return getattr(super().__getattr__("original_module"), name)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active_adapter
+
+    @property
+    def active_module(self) -> nn.Module:
+        if self._disable_adapters or self._active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self._active_adapter]
+
+    def update(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        self.modules_to_save[adapter_name].requires_grad_(adapter_name == self._active_adapter)
+
+    def set_adapter(self, adapter_name: str | list[str] | None) -> None:
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) > 1:
+                raise ValueError(f"modules_to_save supports one active adapter at a time, got {adapter_name}")
+            adapter_name = adapter_name[0] if adapter_name else None
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == adapter_name)
+        self._active_adapter = adapter_name
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+        if self._active_adapter in self.modules_to_save:
+            self.modules_to_save[self._active_adapter].requires_grad_(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self._active_adapter == adapter_name:
+            self._active_adapter = next(iter(self.modules_to_save), None)
+
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None or self._disable_adapters:
+            return self.active_module(x, *args, **kwargs)
+        return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+
+    def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
+        rows_by_adapter: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows_by_adapter.setdefault(name, []).append(row)
+        outputs = []
+        for name, rows in rows_by_adapter.items():
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            outputs.append((rows, module(x[rows], *args, **kwargs)))
+        first = outputs[0][1]
+        result = first.new_empty((x.shape[0],) + tuple(first.shape[1:]))
+        for rows, out in outputs:
+            result[rows] = out
+        return result
+
+    def unwrapped(self) -> nn.Module:
+        """The module to put back when the adapter is unloaded: the active copy, or the original."""
+        return self.active_module

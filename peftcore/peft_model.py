@@ -1,0 +1,384 @@
+"""``PeftModel``: the user-facing wrapper, with PEFT's API and attribute layout."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftcore import serialization
+from peftcore.config import PeftConfig, TaskType
+from peftcore.layer import AdapterLayer
+from peftcore.modules_to_save import ModulesToSaveWrapper
+from peftcore.plugins import hooks, method_for_config
+from peftcore.tuner import AdapterModel
+
+BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
+
+
+def _check_adapter_name(adapter_name: str) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
+        raise ValueError(f"Invalid adapter name {adapter_name!r}: use a non-empty string without '.', not {BASE_ADAPTER!r}")
+    if hasattr(nn.Module, adapter_name):
+        raise ValueError(f"Invalid adapter name {adapter_name!r}: it clashes with the torch.nn.Module attribute of that name")
+
+
+class PeftModel(nn.Module):
+    """A base model plus adapters. ``get_peft_model`` mutates and wraps the base model in place."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs):
+        super().__init__()
+        _check_adapter_name(adapter_name)
+        self._prepare_config(peft_config, model)
+        method = method_for_config(peft_config)
+        self.modules_to_save = set(getattr(peft_config, "modules_to_save", None) or ()) or None
+        if method.kind == "model":
+            self.base_model = model
+            self.prompt_encoder = nn.ModuleDict()
+            self._prompt_configs: dict[str, PeftConfig] = {}
+            self._prompt_active = adapter_name
+            self._add_model_adapter(peft_config, adapter_name)
+        else:
+            self.base_model = AdapterModel(model, peft_config, adapter_name)
+        self.config = getattr(model, "config", {"model_type": "custom"})
+
+    # -- construction ------------------------------------------------------------
+
+    def _prepare_config(self, config: PeftConfig, model: nn.Module) -> None:
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        task_heads = TASK_HEADS.get(str(config.task_type) if config.task_type else None)
+        if task_heads and hasattr(config, "modules_to_save"):
+            current = list(config.modules_to_save or [])
+            config.modules_to_save = current + [n for n in task_heads if n not in current]
+
+    def _add_model_adapter(self, config: PeftConfig, adapter_name: str) -> None:
+        adapter = hooks.create_model_adapter(model=self.base_model, config=config, adapter_name=adapter_name)
+        if adapter is None:
+            raise ValueError(f"No plugin created a model adapter for {config.peft_type}")
+        self.prompt_encoder[adapter_name] = adapter
+        self._prompt_configs[adapter_name] = config
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        for name, module in self.prompt_encoder.items():
+            module.requires_grad_(name == self._prompt_active and not config.inference_mode)
+
+    @property
+    def _uses_layers(self) -> bool:
+        return isinstance(self.base_model, AdapterModel)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- configs and adapters ---------------------------------------------------------
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config if self._uses_layers else self._prompt_configs
+
+    @property
+    def active_adapter(self) -> str:
+        if self._uses_layers:
+            active = self.base_model.active_adapter
+            return active
+        return self._prompt_active
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters if self._uses_layers else [self._prompt_active]
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model if self._uses_layers else self.base_model
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
+        existing = next(iter(self.peft_config.values()), None)
+        if existing is not None and existing.peft_type != peft_config.peft_type:
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
+                "one PeftModel holds adapters of one method"
+            )
+        self._prepare_config(peft_config, self.get_base_model())
+        if self._uses_layers:
+            self.base_model.inject_adapter(peft_config, adapter_name)
+            self.base_model.set_adapter(self.base_model.active_adapter)
+        else:
+            self._add_model_adapter(peft_config, adapter_name)
+        if getattr(peft_config, "modules_to_save", None):
+            self.modules_to_save = (self.modules_to_save or set()) | set(peft_config.modules_to_save)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; existing adapters: {sorted(self.peft_config)}")
+        if self._uses_layers:
+            self.base_model.set_adapter(adapter_name)
+        else:
+            self._prompt_active = adapter_name
+            for name, module in self.prompt_encoder.items():
+                module.requires_grad_(name == adapter_name and not self.peft_config[name].inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if self._uses_layers:
+            self.base_model.delete_adapter(adapter_name)
+            return
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+        del self.prompt_encoder[adapter_name]
+        del self._prompt_configs[adapter_name]
+        if self._prompt_active == adapter_name and self._prompt_configs:
+            self.set_adapter(next(iter(self._prompt_configs)))
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model without any adapter inside the ``with`` block."""
+        if self._uses_layers:
+            with self.base_model.adapters_disabled():
+                yield
+            return
+        saved = self._prompt_active
+        self._prompt_active = None
+        try:
+            yield
+        finally:
+            self._prompt_active = saved
+
+    # -- parameters ------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = 0, 0
+        for param in self.parameters():
+            count = param.numel()
+            if count == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 keeps a placeholder
+                count = param.ds_numel
+            if param.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
+                count = count * 2 * getattr(param, "element_size", lambda: 1)()
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- running -------------------------------------------------------------------------
+
+    @contextmanager
+    def _mixed_batch(self, adapter_names: list[str] | None):
+        """Route each batch row to its own adapter for the duration of one call."""
+        if adapter_names is None:
+            yield
+            return
+        if not self._uses_layers:
+            raise ValueError("adapter_names (mixed batches) works with layer methods such as LoRA, not prompt methods")
+        if self.training:
+            raise ValueError("adapter_names (mixed batches) is for inference; call model.eval() first")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
+        layers = [m for m in self.get_base_model().modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+        if any(isinstance(m, AdapterLayer) and m.merged for m in layers):
+            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+
+        def inject(module, args, kwargs, names):
+            kwargs["adapter_names"] = names
+            return args, kwargs
+
+        handles = [m.register_forward_pre_hook(partial(inject, names=list(adapter_names)), with_kwargs=True) for m in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _prepare_model_kwargs(self, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
+        if self._uses_layers or self._prompt_active is None:
+            return kwargs
+        adapter = self.prompt_encoder[self._prompt_active]
+        model = self.base_model
+        return adapter.prepare_generate(model, kwargs) if generating else adapter.prepare_forward(model, kwargs)
+
+    def forward(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        kwargs = self._prepare_model_kwargs(kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        kwargs = self._prepare_model_kwargs(kwargs, generating=True)
+        with self._mixed_batch(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True, selected_adapters: list[str] | None = None,
+        is_main_process: bool = True, **kwargs,
+    ) -> None:
+        """Write PEFT's files: ``default`` at the top, other adapters in sub-folders."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            config = self.peft_config[name]
+            out_dir = Path(save_directory) if name == "default" else Path(save_directory) / name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            state_dict = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
+            serialization.save_weights(state_dict, out_dir, safe_serialization=safe_serialization)
+            serialization.write_config(config, out_dir)
+        serialization.write_text_atomic(Path(save_directory) / "README.md", _model_card(self))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+        config: PeftConfig | None = None, allow_pickle: bool = False, **kwargs,
+    ) -> "PeftModel":
+        """Load a PEFT-format adapter from a local folder or a Hub repo id onto ``model``."""
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        subfolder = hub_kwargs.pop("subfolder", None)
+        if config is None:
+            config = serialization.read_config(model_id, subfolder=subfolder, **hub_kwargs)
+        config.inference_mode = not is_trainable
+        weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        model_cls = cls
+        if cls is PeftModel and config.task_type is not None:
+            model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
+        peft_model = model_cls(model, config, adapter_name)
+        peft_model._load_state_dict_into(config, adapter_name, weights, str(model_id))
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, allow_pickle: bool = False, **kwargs
+    ) -> None:
+        """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        subfolder = hub_kwargs.pop("subfolder", None)
+        config = serialization.read_config(model_id, subfolder=subfolder, **hub_kwargs)
+        config.inference_mode = not is_trainable
+        weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_state_dict_into(config, adapter_name, weights, str(model_id))
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+
+    def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
+        missing, unexpected = hooks.load_adapter_state_dict(model=self, config=config, adapter_name=adapter_name, state_dict=weights)
+        serialization.warn_load_report(missing, unexpected, where)
+
+
+def _model_card(model: PeftModel) -> str:
+    config = model.active_peft_config
+    base = config.base_model_name_or_path
+    header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "") + "tags:\n- peftcore\n---\n"
+    methods = ", ".join(sorted({c.peft_type for c in model.peft_config.values()}))
+    return f"{header}\n# Adapter\n\n{methods} adapter(s) {sorted(model.peft_config)} saved by peftcore in PEFT's format.\n"
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                               **_drop_none(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                            return_dict=return_dict), **kwargs)
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    pass
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               **_drop_none(token_type_ids=token_type_ids, position_ids=position_ids, start_positions=start_positions,
+                                            end_positions=end_positions, output_attentions=output_attentions,
+                                            output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+
+
+class PeftModelForCausalLM(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                               **_drop_none(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                            return_dict=return_dict), **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                               **_drop_none(decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                            decoder_inputs_embeds=decoder_inputs_embeds, output_attentions=output_attentions,
+                                            output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               **_drop_none(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                            return_dict=return_dict), **kwargs)
+
+
+def _drop_none(**kwargs) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+TASK_MODELS: dict[str, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}
+# Heads trained in full for these tasks, as PEFT does (only those the model has).
+TASK_HEADS: dict[str | None, list[str]] = {
+    TaskType.SEQ_CLS.value: ["classifier", "score"],
+    TaskType.TOKEN_CLS.value: ["classifier", "score"],
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """Wrap ``model`` (modified in place) with a new adapter, choosing the wrapper from ``task_type``."""
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a peftcore config (e.g. LoraConfig), got {type(peft_config).__name__}")
+    if isinstance(model, PeftModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
+        warnings.warn("The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2)
+    model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
+    return model_cls(model, peft_config, adapter_name)

@@ -1,0 +1,304 @@
+"""LoRA wrappers for Linear/Conv1D, Embedding and Conv2d (PEFT's layout and maths)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore import AdapterLayer
+from peftcore.layer import check_finite
+
+from peftcore_lora import init as lora_init
+from peftcore_lora.dora import DoraConv2dLayer, DoraEmbeddingLayer, DoraLinearLayer
+
+BASE_ADAPTER = "__base__"
+
+
+def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class LoraLayer(AdapterLayer):
+    """Per-adapter state shared by every LoRA wrapper."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    peft_type = "LORA"
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
+        super().__init__(base_layer)
+        self.in_features, self.out_features = in_features, out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_magnitude_vector = nn.ModuleDict({})
+        self._weight_norm_cache: dict[str, torch.Tensor] = {}
+
+    def update_layer(self, adapter_name: str, config, module_name: str = "") -> None:
+        r, alpha = config.rank_and_alpha(module_name or getattr(self, "_module_name", ""))
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.use_dora[adapter_name] = config.use_dora
+        self.lora_bias[adapter_name] = config.lora_bias
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.create_adapter_weights(adapter_name, r, config.lora_bias)
+        self.initialize(adapter_name, config.init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        if config.use_dora:
+            self.lora_magnitude_vector[adapter_name] = self.make_dora_layer(config.fan_in_fan_out)
+            lora_A, lora_B = self.lora_weights(adapter_name)
+            self.lora_magnitude_vector[adapter_name].update_layer(
+                base_layer=self.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[adapter_name]
+            )
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Multiply the adapter's scaling (PEFT's ``set_scale``: alpha/r times ``scale``)."""
+        self.scaling[adapter_name] = scale * self.lora_alpha[adapter_name] / self.r[adapter_name]
+
+    # -- subclasses --------------------------------------------------------------
+
+    def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        raise NotImplementedError
+
+    def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:
+        raise NotImplementedError(f"DoRA is not available for {type(self).__name__}")
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A, B) weight tensors of an adapter."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def initialize(self, adapter_name: str, init: bool | str) -> None:
+        if init is False:
+            return
+        if init is True or init == "gaussian":
+            lora_init.reset_lora_parameters(self, adapter_name, init)
+        elif init == "pissa":
+            lora_init.pissa_init(self, adapter_name)
+        elif init == "olora":
+            lora_init.olora_init(self, adapter_name)
+
+    # -- merging --------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        for name in self.adapters_to_merge(adapter_names):
+            delta = self.delta_weight(name)
+            if self.use_dora.get(name):
+                new_weight, weight_norm = self.lora_magnitude_vector[name].merged_weight(base.weight.data, delta)
+            else:
+                new_weight, weight_norm = base.weight.data + delta.to(base.weight.dtype), None
+            bias_delta = self.lora_B[name].bias * self.scaling[name] if self.lora_bias.get(name) else None
+            if safe_merge:
+                check_finite(new_weight, name)
+                if bias_delta is not None:
+                    check_finite(base.bias.data + bias_delta, name, "merged bias")
+            base.weight.data = new_weight.to(base.weight.dtype)
+            if bias_delta is not None:
+                base.bias.data += bias_delta.to(base.bias.dtype)
+            if weight_norm is not None:
+                self._weight_norm_cache[name] = weight_norm
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged; nothing to do")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.delta_weight(name)
+            if self.use_dora.get(name):
+                weight_norm = self._weight_norm_cache.pop(name)
+                base.weight.data = self.lora_magnitude_vector[name].unmerged_weight(base.weight.data, delta, weight_norm)
+            else:
+                base.weight.data -= delta.to(base.weight.dtype)
+            if self.lora_bias.get(name):
+                base.bias.data -= (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+
+    # -- running ----------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.r:
+                result = result + self.adapter_output(name, x, result).to(result_dtype)
+        return result
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base layer's output for input ``x``."""
+        raise NotImplementedError
+
+    def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
+        if any(self.use_dora.get(n) for n in set(adapter_names)):
+            raise ValueError("Mixed-adapter batches are not supported with DoRA adapters")
+        result = self.base_layer(x, *args, **kwargs)
+        rows_by_adapter: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows_by_adapter.setdefault(name, []).append(row)
+        for name, rows in rows_by_adapter.items():
+            if name == BASE_ADAPTER or name not in self.r:
+                continue
+            sub = x[rows]
+            result[rows] = result[rows] + self.adapter_output(name, sub, result[rows]).to(result.dtype)
+        return result
+
+
+class Linear(LoraLayer):
+    """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (weights stored transposed)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = ""):
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(base_layer, Conv1D):
+            in_features, out_features = base_layer.weight.shape
+            if not config.fan_in_fan_out:
+                warnings.warn(f"{module_name}: Conv1D stores weights as (in, out); setting fan_in_fan_out=True")
+                config.fan_in_fan_out = True
+        else:
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+            if config.fan_in_fan_out:
+                warnings.warn(f"{module_name}: nn.Linear stores weights as (out, in); setting fan_in_fan_out=False")
+                config.fan_in_fan_out = False
+        super().__init__(base_layer, in_features, out_features)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._module_name = module_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:
+        return DoraLinearLayer(fan_in_fan_out=fan_in_fan_out)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) and a.device.type == "cpu" else a.dtype
+        delta = transpose(b.to(compute_dtype) @ a.to(compute_dtype), self.fan_in_fan_out) * self.scaling[adapter_name]
+        return delta.to(a.dtype)
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        x = x.to(lora_A.weight.dtype)
+        scaling = self.scaling[name]
+        if not self.use_dora.get(name):
+            return lora_B(lora_A(dropout(x))) * scaling
+        if isinstance(dropout, nn.Identity) or not self.training:
+            dora_base = base_result
+        else:
+            x, dora_base = dropout(x), None
+        return self.lora_magnitude_vector[name](
+            x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=self.get_base_layer(), base_result=dora_base
+        )
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(LoraLayer):
+    """LoRA for ``nn.Embedding``: A starts at zero, B is normal (PEFT's choice)."""
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, config, module_name: str = ""):
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
+        self._module_name = module_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        if lora_bias:
+            raise ValueError("lora_bias is not supported for Embedding layers")
+        base = self.get_base_layer()
+        self.lora_embedding_A[adapter_name] = nn.Parameter(base.weight.new_zeros((r, self.in_features)))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(base.weight.new_zeros((self.out_features, r)))
+
+    def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:
+        return DoraEmbeddingLayer(fan_in_fan_out=True)
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return transpose(b @ a, True) * self.scaling[adapter_name]
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        after_a = self._embed(x, self.lora_embedding_A[name].T)
+        lora_out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        if not self.use_dora.get(name):
+            return lora_out
+        mag_norm_scale = self.lora_magnitude_vector[name].scale(self.get_base_layer().weight, self.delta_weight(name))
+        return mag_norm_scale * (base_result + lora_out) - base_result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Conv2d(LoraLayer):
+    """LoRA for ``nn.Conv2d``: A copies the base kernel geometry, B is 1x1."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config, module_name: str = ""):
+        if base_layer.groups != 1:
+            raise ValueError(f"{module_name}: LoRA for grouped convolutions (groups={base_layer.groups}) is not supported")
+        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels)
+        self._module_name = module_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        base = self.get_base_layer()
+        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
+
+    def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:
+        return DoraConv2dLayer(fan_in_fan_out=False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if self.get_base_layer().weight.shape[2:4] == (1, 1):
+            delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        else:
+            delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
+        return delta * self.scaling[adapter_name]
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        x = x.to(lora_A.weight.dtype)
+        if not self.use_dora.get(name):
+            return lora_B(lora_A(dropout(x))) * self.scaling[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            dora_base = base_result
+        else:
+            x, dora_base = dropout(x), None
+        return self.lora_magnitude_vector[name](
+            x, lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[name], base_layer=self.get_base_layer(), base_result=dora_base
+        )
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()

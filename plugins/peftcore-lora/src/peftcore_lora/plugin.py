@@ -1,0 +1,71 @@
+"""The LoRA plugin: what it registers with peftcore, through public hooks only."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftcore import LayerSupport, Method, hookimpl
+from peftcore.method import strip_adapter_name
+
+from peftcore_lora import weighted
+from peftcore_lora.config import LoraConfig
+from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
+
+__all__ = ["LoraConfig", "LoraLayer"]
+
+TENSOR_PREFIXES = ("lora_",)
+
+
+def lora_disk_key(key: str, adapter_name: str, config: LoraConfig) -> str | None:
+    """PEFT's names: adapter segment dropped, DoRA magnitude without ``.weight``, biases per ``bias``."""
+    name = strip_adapter_name(key, adapter_name, TENSOR_PREFIXES)
+    if name is not None:
+        if name.endswith(".lora_magnitude_vector.weight"):
+            name = name[: -len(".weight")]
+        return name
+    if ".lora_" in key or ".modules_to_save." in key or ".original_module." in key:
+        return None  # another adapter's tensors, or the core's modules_to_save copies
+    if config.bias == "all" and key.endswith(".bias"):
+        return key
+    if config.bias == "lora_only" and key.endswith(".base_layer.bias"):
+        return key
+    return None
+
+
+
+
+@hookimpl
+def register_methods(register):
+    register(Method(peft_type="LORA", name="lora", config_class=LoraConfig, tensor_prefixes=TENSOR_PREFIXES,
+                    disk_key=lora_disk_key, description="Low-rank adapters (LoRA, rsLoRA, DoRA, PiSSA/OLoRA init)"))
+
+
+@hookimpl
+def register_layer_support(register):
+    from transformers.pytorch_utils import Conv1D
+
+    register(LayerSupport("LORA", nn.Linear, Linear))
+    register(LayerSupport("LORA", Conv1D, Linear))
+    register(LayerSupport("LORA", nn.Embedding, Embedding))
+    register(LayerSupport("LORA", nn.Conv2d, Conv2d))
+
+
+@hookimpl
+def adapter_injected(model, config, adapter_name):
+    """``bias``: "all" trains every bias of the model, "lora_only" those of wrapped layers."""
+    if not isinstance(config, LoraConfig) or config.bias == "none" or config.inference_mode:
+        return
+    for name, param in model.model.named_parameters():
+        if ".lora_" in name or ".modules_to_save." in name or ".original_module." in name:
+            continue
+        if config.bias == "all" and name.endswith(".bias"):
+            param.requires_grad_(True)
+        elif config.bias == "lora_only" and name.endswith(".base_layer.bias"):
+            param.requires_grad_(True)
+
+
+@hookimpl
+def combine_adapters(model, adapters, weights, adapter_name, combination_type, options):
+    if not all(isinstance(model.peft_config[a], LoraConfig) for a in adapters):
+        return None
+    return weighted.combine(model, adapters, weights, adapter_name, combination_type, options)
