@@ -81,10 +81,11 @@ def _is_local(path: str | os.PathLike) -> bool:
     return os.path.isdir(path)
 
 
-def resolve_file(model_id: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> str | None:
+def resolve_file(model_id: str | os.PathLike, filename: str, subfolder: str | None = None, required: bool = False, **hub_kwargs) -> str | None:
     """Path of ``filename`` in a local adapter folder or a Hub repo (through the local cache).
 
-    Returns None when the file is absent. A local folder never falls through to
+    Returns None when the file is absent, unless ``required``: then a repo that
+    cannot be found is an error naming it. A local folder never falls through to
     the Hub: a missing file there is reported as missing, not as a bad repo id.
     """
     model_id = str(model_id)
@@ -101,9 +102,9 @@ def resolve_file(model_id: str | os.PathLike, filename: str, subfolder: str | No
     kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
     try:
         return hf_hub_download(model_id, filename, subfolder=subfolder or None, **kwargs)
-    except EntryNotFoundError:
-        return None
-    except (RepositoryNotFoundError, LocalEntryNotFoundError) as exc:
+    except (RepositoryNotFoundError, LocalEntryNotFoundError, EntryNotFoundError) as exc:
+        if not required and not isinstance(exc, RepositoryNotFoundError):
+            return None
         raise AdapterFileError(
             f"{model_id}: not a local folder, and not found on the Hub or in the local Hub cache "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
@@ -115,7 +116,7 @@ def resolve_file(model_id: str | os.PathLike, filename: str, subfolder: str | No
 
 
 def read_config(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> PeftConfig:
-    path = resolve_file(model_id, CONFIG_NAME, subfolder, **hub_kwargs)
+    path = resolve_file(model_id, CONFIG_NAME, subfolder, required=True, **hub_kwargs)
     where = os.path.join(str(model_id), subfolder or "")
     if path is None:
         raise AdapterFileError(f"{where}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")

@@ -242,17 +242,26 @@ class AdapterModel(nn.Module):
         hooks.unmerge_layer(layer=layer)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        for _, layer in self.adapter_layers():
-            self._merge_layer(layer, adapter_names, safe_merge)
+        """Merge into every layer, or into none: a failure unmerges the layers merged so far."""
+        done = []
+        try:
+            for _, layer in self.adapter_layers():
+                was_merged = list(layer.merged_adapters)
+                self._merge_layer(layer, adapter_names, safe_merge)
+                if not was_merged and layer.merged:  # only these can be rolled back exactly
+                    done.append(layer)
+        except Exception:
+            for layer in done:
+                self._unmerge_layer(layer)
+            raise
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
             self._unmerge_layer(layer)
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        for key, layer in self.adapter_layers():
-            if merge:
-                self._merge_layer(layer, adapter_names, safe_merge)
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge)
         for key, layer in self.adapter_layers():
             parent, child = _parent_and_name(self.model, key)
             setattr(parent, child, layer.get_base_layer())

@@ -101,6 +101,11 @@ class LoraLayer(AdapterLayer):
             else:
                 new_weight, weight_norm = base.weight.data + delta.to(base.weight.dtype), None
             bias_delta = self.lora_B[name].bias * self.scaling[name] if self.lora_bias.get(name) else None
+            if bias_delta is not None and getattr(base, "bias", None) is None:
+                raise ValueError(
+                    f"Cannot merge adapter {name!r} into {self._module_name or type(base).__name__}: lora_bias=True "
+                    "but the base layer has no bias to merge into"
+                )
             if safe_merge:
                 check_finite(new_weight, name)
                 if bias_delta is not None:
