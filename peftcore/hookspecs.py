@@ -115,8 +115,10 @@ def combine_adapters(
 ) -> bool | None:
     """Build adapter ``adapter_name`` out of several existing ones (weighted merge, fusion).
 
-    ``model`` is the :class:`~peftcore.tuner.AdapterModel`; the new adapter's
-    config is already in ``model.peft_config``. Return True when handled.
+    ``model`` is the :class:`~peftcore.tuner.AdapterModel`; the core has checked
+    the names and weights. The implementation creates the adapter (usually
+    ``model.inject_adapter(new_config, adapter_name)``) and fills its tensors.
+    Return True when handled, None for adapters of another method.
     """
 
 
