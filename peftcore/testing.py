@@ -33,7 +33,7 @@ def tiny_model(arch: str):
     elif arch == "distilbert":
         model = t.DistilBertForSequenceClassification(t.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, **common))
     elif arch == "t5":
-        model = t.T5ForConditionalGeneration(t.T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, **common))
+        model = t.T5ForConditionalGeneration(t.T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **common))
         return model.eval(), dict(input_ids=ids, decoder_input_ids=ids[:, :5])
     elif arch == "bart":
         model = t.BartForConditionalGeneration(t.BartConfig(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, **common))

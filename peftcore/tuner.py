@@ -85,11 +85,17 @@ class AdapterModel(nn.Module):
         self._freeze_all_but_adapters()
         hooks.adapter_injected(model=self, config=config, adapter_name=adapter_name)
         if config.inference_mode:
-            for _, layer in self.adapter_layers():
-                for attr in layer.adapter_layer_names:
-                    holder = getattr(layer, attr)
-                    if adapter_name in holder:
-                        holder[adapter_name].requires_grad_(False)
+            self._freeze_adapter(adapter_name)
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        for _, layer in self.adapter_layers():
+            for attr in layer.adapter_layer_names:
+                holder = getattr(layer, attr)
+                if adapter_name in holder:
+                    holder[adapter_name].requires_grad_(False)
+        for _, wrapper in self.saved_module_wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
     def _wrap_targets(self, method, config, adapter_name: str) -> None:
         skip = _names_inside_wrappers(self.model)
@@ -189,11 +195,12 @@ class AdapterModel(nn.Module):
                 warnings.warn("Adapters were merged; unmerging before switching the active adapter")
                 layer.unmerge()
             layer.set_adapter(names)
-            if inference_mode:
-                layer.requires_grad_(False)
         for _, wrapper in self.saved_module_wrappers():
             wrapper.set_adapter(names)
         self._active_adapter = adapter_name
+        if inference_mode:
+            for name in names:
+                self._freeze_adapter(name)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for _, module in self.adapter_layers() + self.saved_module_wrappers():

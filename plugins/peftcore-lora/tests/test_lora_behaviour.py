@@ -324,3 +324,9 @@ def test_failed_merge_leaves_no_layer_merged(llama):
     model.merge_adapter()
     model.unmerge_adapter()
     assert torch.isfinite(_out(model, inputs)).all() and expected.shape == _out(model, inputs).shape
+
+
+def test_pattern_keys_that_match_nothing_are_reported(llama):
+    base, _ = llama
+    with pytest.warns(RuntimeWarning, match=r"rank_pattern keys \['no_such_layer'\] matched no targeted module"):
+        get_peft_model(base, LoraConfig(r=4, rank_pattern={"no_such_layer": 2, "q_proj": 2}))

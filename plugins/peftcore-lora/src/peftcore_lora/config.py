@@ -86,8 +86,10 @@ class LoraConfig(LayerConfig):
         )
 
 
+def matches_pattern(key: str, module_name: str) -> bool:
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern`` keys: a regex matching a dotted suffix."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
 def _pattern_key(patterns: dict, module_name: str) -> str:
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return module_name
+    return next((key for key in patterns if matches_pattern(key, module_name)), module_name)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from peftcore import LayerSupport, Method, hookimpl
 from peftcore.method import strip_adapter_name
 
 from peftcore_lora import weighted
-from peftcore_lora.config import LoraConfig
+from peftcore_lora.config import LoraConfig, matches_pattern
 from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
 
 __all__ = ["LoraConfig", "LoraLayer"]
@@ -52,8 +54,15 @@ def register_layer_support(register):
 
 @hookimpl
 def adapter_injected(model, config, adapter_name):
-    """``bias``: "all" trains every bias of the model, "lora_only" those of wrapped layers."""
-    if not isinstance(config, LoraConfig) or config.bias == "none" or config.inference_mode:
+    """Warn about patterns that matched nothing; ``bias``: "all" trains every bias, "lora_only" those of wrapped layers."""
+    if not isinstance(config, LoraConfig):
+        return
+    wrapped = [name for name, layer in model.adapter_layers() if adapter_name in layer.adapter_names]
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        unused = [key for key in getattr(config, field_name) if not any(matches_pattern(key, name) for name in wrapped)]
+        if unused:
+            warnings.warn(f"LoraConfig.{field_name} keys {unused} matched no targeted module and were ignored", RuntimeWarning, stacklevel=2)
+    if config.bias == "none" or config.inference_mode:
         return
     for name, param in model.model.named_parameters():
         if ".lora_" in name or ".modules_to_save." in name or ".original_module." in name:
