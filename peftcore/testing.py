@@ -46,3 +46,83 @@ def tiny_model(arch: str):
 TASK_TYPES = {"llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gemma": "CAUSAL_LM", "gemma3": "CAUSAL_LM",
          "gpt2": "CAUSAL_LM", "opt": "CAUSAL_LM", "bert": "SEQ_CLS", "roberta": "SEQ_CLS", "distilbert": "SEQ_CLS",
          "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM"}
+
+
+# -- prompt-learning test helpers: wider models, left-padded labelled batches, a no-cache greedy reference --
+
+PROMPT_TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+DECODERS = ("llama", "gpt2")
+
+
+def tiny_generation_model(arch: str, seed: int = 0):
+    """A tiny model that generates exactly ``max_new_tokens`` (no eos), with larger initial weights."""
+    import transformers as t
+
+    torch.manual_seed(seed)
+    if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
+        model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2))
+    elif arch == "gpt2":
+        model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, initializer_range=0.2))
+    elif arch == "bert":
+        model = t.BertForSequenceClassification(t.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                             intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.2))
+    elif arch == "t5":
+        model = t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    else:
+        raise ValueError(arch)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+        model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def batch(arch: str, padded: bool = True) -> dict:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 64, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :2] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    task = PROMPT_TASKS[arch]
+    if task == "CAUSAL_LM":
+        kwargs["labels"] = ids.masked_fill(mask == 0, -100)
+    elif task == "SEQ_CLS":
+        kwargs["labels"] = torch.tensor([0, 1])
+    else:
+        kwargs["labels"] = torch.randint(3, 64, (2, 4), generator=g)
+    return kwargs
+
+
+def perturb(module: torch.nn.Module, seed: int = 3, scale: float = 1.0) -> None:
+    """Move trained-looking values into every trainable tensor, so nothing compares at its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * scale)
+
+
+def greedy_reference(forward, arch: str, kwargs: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding by full forward passes without a KV cache (what generate must reproduce)."""
+    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    with torch.no_grad():
+        if arch == "t5":
+            decoded = torch.zeros(ids.shape[0], 1, dtype=torch.long)
+            for _ in range(steps):
+                logits = forward(input_ids=ids, attention_mask=mask, decoder_input_ids=decoded).logits
+                decoded = torch.cat([decoded, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            return decoded
+        for _ in range(steps):
+            # generate's positions: counted over the unpadded tokens (left padding)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            logits = forward(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        return ids
+
+
+def outputs(model, kwargs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**kwargs).logits
