@@ -92,6 +92,20 @@ def adapter_injected(model: nn.Module, config: PeftConfig, adapter_name: str) ->
     """
 
 
+@hookspec
+def process_model_output(model: nn.Module, output: Any) -> None:
+    """Adjust, in place, what one forward pass of an adapted model returns.
+
+    Called after every forward of a layer method's model (``PeftModel.forward``
+    runs the :class:`~peftcore.tuner.AdapterModel`, which calls this), with
+    ``model`` the ``AdapterModel`` and ``output`` what the wrapped model returned
+    (usually a transformers ``ModelOutput``). Edit ``output`` in place, e.g. add a
+    regulariser to ``output["loss"]`` while ``model.training`` (AdaLoRA's
+    orthogonality term). Every implementation is called: check that ``model``
+    holds your method's adapters and return quickly otherwise.
+    """
+
+
 # 4. Merging -------------------------------------------------------------------
 
 

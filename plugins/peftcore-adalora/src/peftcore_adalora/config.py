@@ -1,0 +1,169 @@
+"""``AdaLoraConfig``: PEFT's fields (LoRA's, which PEFT's class inherits, plus AdaLoRA's) and checks."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peftcore import LayerConfig
+
+# PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (peft 0.21).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    # PEFT's "gemma4" default is a regex; the core's default_target_modules hook takes lists only
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+# LoRA fields PEFT's AdaLoraConfig inherits but AdaLoRA has no use for: accepted (so PEFT's
+# files load) only at their "off" value, refused when set rather than silently ignored.
+UNSUPPORTED_WHEN_SET = (
+    "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+    "alora_invocation_tokens", "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "use_dora", "lora_bias", "use_qalora", "ensure_weight_tying",
+)
+_RANK_PATTERN_KEY = re.compile(r"(?P<module>.+)\.lora_E(?:\.(?P<adapter>[^.]+))?")
+
+
+def rank_pattern_module(key: str) -> tuple[str, str | None]:
+    """``a.b.lora_E.default`` -> ("a.b", "default"); ``a.b.lora_E`` (as saved) -> ("a.b", None)."""
+    found = _RANK_PATTERN_KEY.fullmatch(key)
+    if found is None:
+        raise ValueError(f"AdaLoraConfig.rank_pattern key {key!r} does not name a lora_E parameter (<module>.lora_E[.<adapter>])")
+    return found["module"], found["adapter"]
+
+
+@dataclass
+class AdaLoraConfig(LayerConfig):
+    """AdaLoRA: LoRA as P·diag(E)·Q, with a budget of ranks reallocated during training.
+
+    Three phases: ``tinit`` warm-up steps at ``init_r`` per module, a cubic decay of
+    the total budget to ``target_r`` per module until ``total_step - tfinal``, then
+    ``tfinal`` steps with the allocation fixed. Call ``update_and_allocate(step)``
+    after ``backward()`` and before ``zero_grad()`` (or use ``AdaLoraCallback``).
+    """
+
+    # -- LoRA's fields, as PEFT's AdaLoraConfig inherits them ---------------------------
+    r: int = field(default=8, metadata={"help": "unused by AdaLoRA (PEFT keeps it from LoRA); set init_r instead"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
+        "help": "module names (exact or dotted suffix), a regex matched against the full name, or 'all-linear'; "
+                "None uses PEFT's AdaLoRA default for the architecture"})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
+        "help": "module names or a regex of modules never to adapt"})
+    lora_alpha: int = field(default=8, metadata={"help": "scaling numerator: delta W = B (A * E) * lora_alpha / ranknum"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    fan_in_fan_out: bool = field(default=False, metadata={
+        "help": "the wrapped layer stores its weight as (in, out), as GPT-2's Conv1D (set automatically)"})
+    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={
+        "help": "which biases train and are saved: none, all, or lora_only (those of adapted layers)"})
+    use_rslora: bool = field(default=False, metadata={"help": "no effect on AdaLoRA (PEFT ignores it too)"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={
+        "help": "modules trained in full and saved beside the adapter (e.g. a classifier head)"})
+    init_lora_weights: Union[bool, str] = field(default=True, metadata={
+        "help": "True: E = 0 and A, B ~ N(0, 0.02), so a fresh adapter changes nothing; False: random normal"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={
+        "help": "only adapt these layer indices"})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={
+        "help": "name of the layer list for layers_to_transform, e.g. 'layers' or 'h'"})
+    rank_pattern: Optional[dict] = field(default=None, metadata={
+        "help": "the allocation the RankAllocator made ({'<module>.lora_E': [kept?, ...]}); written on save, "
+                "applied on load to shrink the matrices"})
+    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "no effect on AdaLoRA (PEFT ignores it too)"})
+    megatron_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    megatron_core: Optional[str] = field(default="megatron.core", metadata={"help": "not used"})
+    trainable_token_indices: Optional[Union[list[int], dict]] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    loftq_config: Union[dict, None] = field(default_factory=dict, metadata={"help": "not supported by AdaLoRA (must stay empty)"})
+    eva_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    corda_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    use_dora: bool = field(default=False, metadata={"help": "not supported by AdaLoRA (must stay False)"})
+    velora_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    use_qalora: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
+    qalora_group_size: int = field(default=16, metadata={"help": "not used"})
+    monteclora_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    layer_replication: Optional[list] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    lora_bias: bool = field(default=False, metadata={"help": "not supported by AdaLoRA (must stay False)"})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    use_bdlora: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    arrow_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    kasa_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    ensure_weight_tying: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
+
+    # -- AdaLoRA's own fields ---------------------------------------------------------------
+    target_r: int = field(default=8, metadata={"help": "average rank per module once the budget has decayed"})
+    init_r: int = field(default=12, metadata={"help": "rank of every module at the start"})
+    tinit: int = field(default=0, metadata={"help": "warm-up steps before the budget starts to shrink"})
+    tfinal: int = field(default=0, metadata={"help": "final steps with the allocation fixed"})
+    deltaT: int = field(default=1, metadata={"help": "steps between two reallocations"})
+    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity |p * grad|"})
+    beta2: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity's uncertainty"})
+    orth_reg_weight: float = field(default=0.5, metadata={
+        "help": "weight of the orthogonality regulariser mean ||P^T P - I||_F added to the training loss"})
+    total_step: Optional[int] = field(default=None, metadata={"help": "total training steps (required, > 0)"})
+
+    def __post_init__(self):
+        self.peft_type = "ADALORA"
+        super().__post_init__()
+        for name in UNSUPPORTED_WHEN_SET:
+            if getattr(self, name) not in (None, {}, [], False):
+                raise ValueError(f"AdaLoraConfig: {name}={getattr(self, name)!r} is not supported by AdaLoRA")
+        if self.loftq_config not in (None, {}):
+            raise ValueError("AdaLoraConfig: loftq_config is not supported by AdaLoRA")
+        if self.r != 8:
+            warnings.warn("AdaLoraConfig: r is not used by AdaLoRA and is ignored; set the initial rank with init_r", stacklevel=3)
+        if self.use_rslora or self.alpha_pattern:
+            warnings.warn("AdaLoraConfig: use_rslora and alpha_pattern have no effect on AdaLoRA (as in PEFT)", stacklevel=3)
+        self._check_schedule()
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"AdaLoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"AdaLoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.rank_pattern is not None:
+            self._check_rank_pattern()
+
+    def _check_schedule(self) -> None:
+        for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"AdaLoraConfig: {name} must be a non-negative integer, got {value!r}")
+        if self.deltaT < 1:
+            raise ValueError(f"AdaLoraConfig: deltaT must be at least 1, got {self.deltaT}")
+        if self.total_step is None or isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step <= 0:
+            raise ValueError(f"AdaLoraConfig: total_step is required and must be an integer > 0 (the number of training steps), got {self.total_step!r}")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"AdaLoraConfig: orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(
+                f"AdaLoraConfig: tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no budgeting "
+                "phase (need tinit < total_step - tfinal); decrease tinit/tfinal or increase total_step"
+            )
+
+    def _check_rank_pattern(self) -> None:
+        if not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"AdaLoraConfig: rank_pattern must be a dict, got {type(self.rank_pattern).__name__}")
+        for key, mask in self.rank_pattern.items():
+            rank_pattern_module(key)
+            if not isinstance(mask, (list, tuple)) or not all(isinstance(v, bool) or v in (0, 1) for v in mask):
+                raise ValueError(f"AdaLoraConfig: rank_pattern[{key!r}] must be a list of booleans (kept ranks), got {mask!r}")

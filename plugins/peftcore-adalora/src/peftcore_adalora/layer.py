@@ -1,0 +1,226 @@
+"""AdaLoRA wrappers for Linear/Conv1D and Conv2d (PEFT's layout and maths).
+
+Each adapter is an SVD-like triplet: ``lora_A`` (r x in, right singular vectors),
+``lora_E`` (r x 1, singular values) and ``lora_B`` (out x r, left singular
+vectors), with ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5). ``ranknum`` is the
+rank the adapter was created with; it stays fixed when ranks are pruned, so
+pruning changes ΔW only by the pruned triplets.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore import AdapterLayer
+from peftcore.layer import check_finite
+
+BASE_ADAPTER = "__base__"
+RANKNUM_EPS = 1e-5
+
+
+def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class AdaLoraLayer(AdapterLayer):
+    """Per-adapter triplets and bookkeeping shared by every AdaLoRA wrapper."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_E")
+    # ranknum is a frozen Parameter (PEFT's layout) that is never saved
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "ranknum")
+    peft_type = "ADALORA"
+
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, module_name: str):
+        super().__init__(base_layer)
+        self.in_features, self.out_features = in_features, out_features
+        self._module_name = module_name
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        # registration order gives PEFT's parameter order: lora_A, lora_B, lora_E, ranknum
+        self.lora_A = nn.ParameterDict({})
+        self.lora_B = nn.ParameterDict({})
+        self.lora_E = nn.ParameterDict({})
+        self.ranknum = nn.ParameterDict({})
+
+    def a_columns(self) -> int:
+        """Width of ``lora_A``: the input features the adapter sees per output."""
+        return self.in_features
+
+    def update_layer(self, adapter_name: str, config, module_name: str = "") -> None:
+        r, alpha = config.init_r, config.lora_alpha
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha if alpha > 0 else float(r)
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.a_columns()))
+        self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1))
+        self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+        # drawn (then overwritten) where PEFT draws it, so one seed gives PEFT's initial weights
+        self.ranknum[adapter_name] = nn.Parameter(torch.randn(1).fill_(float(r)), requires_grad=False)
+        if config.init_lora_weights:
+            self.reset_lora_parameters(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        weight = self.get_base_layer().weight
+        self.ranknum[adapter_name] = nn.Parameter(
+            self.ranknum[adapter_name].to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32),
+            requires_grad=False,
+        )
+        self.set_adapter(self.active_adapters or [adapter_name])
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str) -> None:
+        """E = 0 makes a fresh adapter a no-op; A and B start near orthogonal-scale noise."""
+        if adapter_name in self.lora_A:
+            nn.init.zeros_(self.lora_E[adapter_name])
+            nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
+            nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def resize(self, adapter_name: str, kept: list[bool]) -> None:
+        """Keep only the triplets marked in ``kept`` (PEFT's resize_modules_by_rank_pattern)."""
+        mask = torch.tensor([bool(v) for v in kept], device=self.lora_E[adapter_name].device)
+        rank, current = int(mask.sum()), self.lora_E[adapter_name].shape[0]
+        if current == rank:
+            return  # already at the allocated rank
+        if current != len(kept):
+            raise ValueError(
+                f"{self._module_name}: rank_pattern has {len(kept)} entries for adapter {adapter_name!r}, "
+                f"but the layer has rank {current} (expected init_r entries)"
+            )
+        for holder, rows in ((self.lora_A, mask), (self.lora_E, mask)):
+            old = holder[adapter_name]
+            holder[adapter_name] = nn.Parameter(old[rows].clone(), requires_grad=old.requires_grad)
+        old_b = self.lora_B[adapter_name]
+        self.lora_B[adapter_name] = nn.Parameter(old_b[:, mask].clone(), requires_grad=old_b.requires_grad)
+        self.r[adapter_name] = rank
+        if rank == 0:  # PEFT recreates the layer at rank 0, so its ranknum becomes 0
+            self.ranknum[adapter_name].fill_(0.0)
+
+    # -- maths ----------------------------------------------------------------------
+
+    def factor(self, adapter_name: str) -> torch.Tensor:
+        """scaling / (ranknum + eps), as a tensor so it follows device and dtype."""
+        return self.scaling[adapter_name] / (self.ranknum[adapter_name] + RANKNUM_EPS)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        for name in self.adapters_to_merge(adapter_names):
+            new_weight = base.weight.data + self.delta_weight(name).to(base.weight.dtype)
+            if safe_merge:
+                check_finite(new_weight, name)
+            base.weight.data = new_weight
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged; nothing to do")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data -= self.delta_weight(name).to(base.weight.dtype)
+
+    # -- running ------------------------------------------------------------------------
+
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
+        result = self.base_layer(x, *args, **kwargs)
+        rows_by_adapter: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows_by_adapter.setdefault(name, []).append(row)
+        for name, rows in rows_by_adapter.items():
+            if name == BASE_ADAPTER or name not in self.lora_A:
+                continue
+            result[rows] = result[rows] + self.adapter_output(name, x[rows]).to(result.dtype)
+        return result
+
+
+class SVDLinear(AdaLoraLayer):
+    """AdaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (weights stored transposed)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = ""):
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(base_layer, Conv1D):
+            in_features, out_features = base_layer.weight.shape
+            if not config.fan_in_fan_out:
+                warnings.warn(f"{module_name}: Conv1D stores weights as (in, out); setting fan_in_fan_out=True")
+                config.fan_in_fan_out = True
+        else:
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+            if config.fan_in_fan_out:
+                warnings.warn(f"{module_name}: nn.Linear stores weights as (out, in); setting fan_in_fan_out=False")
+                config.fan_in_fan_out = False
+        super().__init__(base_layer, in_features, out_features, module_name)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self.update_layer(adapter_name, config, module_name)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
+        return _transpose(b @ (a * e), self.fan_in_fan_out) * self.factor(adapter_name)
+
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
+        x = x.to(a.dtype)
+        # PEFT's order of operations, so results agree to the last bit where possible
+        return (self.lora_dropout[name](x) @ (a * e).T @ b.T) * self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)
+
+    def __repr__(self) -> str:
+        return "adalora." + super().__repr__()
+
+
+class SVDConv2d(AdaLoraLayer):
+    """AdaLoRA for ``nn.Conv2d``: A spans (in_channels x kernel), ΔW is reshaped to the kernel."""
+
+    def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config, module_name: str = ""):
+        if base_layer.groups != 1:
+            raise ValueError(f"{module_name}: AdaLoRA for grouped convolutions (groups={base_layer.groups}) is not supported")
+        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, module_name)
+        self.fan_in_fan_out = False
+        self.update_layer(adapter_name, config, module_name)
+
+    def a_columns(self) -> int:
+        kernel_h, kernel_w = self.get_base_layer().kernel_size
+        return self.in_features * kernel_h * kernel_w
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
+        delta = b @ (a * e) * self.scaling[adapter_name] / (self.ranknum[adapter_name] + RANKNUM_EPS)
+        return delta.reshape(self.get_base_layer().weight.shape)
+
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        x = x.to(self.lora_A[name].dtype)
+        return F.conv2d(self.lora_dropout[name](x), self.delta_weight(name), stride=base.stride, padding=base.padding,
+                        dilation=base.dilation, groups=base.groups)
+
+    def __repr__(self) -> str:
+        return "adalora." + super().__repr__()

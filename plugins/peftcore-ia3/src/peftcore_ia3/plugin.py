@@ -1,0 +1,122 @@
+"""The (IA)^3 plugin: what it registers with peftcore, through public hooks only."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from peftcore import LayerSupport, Method, hookimpl
+
+from peftcore_ia3.config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, PEFTCORE_ONLY_FIELDS, IA3Config
+from peftcore_ia3.layer import Conv2d, Conv3d, IA3Layer, Linear
+
+__all__ = ["IA3Config", "IA3Layer"]
+
+TENSOR_PREFIXES = ("ia3_",)
+# add_weighted_adapter's core default is "svd" (LoRA's); for vectors every choice means a weighted sum
+WEIGHTED_COMBINATIONS = ("linear", "svd")
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+@hookimpl
+def register_methods(register):
+    register(Method(peft_type="IA3", name="ia3", config_class=IA3Config, tensor_prefixes=TENSOR_PREFIXES,
+                    description="(IA)^3: learned vectors that rescale activations (Linear, Conv1D, Conv2d/3d)"))
+
+
+@hookimpl
+def register_layer_support(register):
+    from transformers.pytorch_utils import Conv1D
+
+    register(LayerSupport("IA3", nn.Linear, Linear))
+    register(LayerSupport("IA3", Conv1D, Linear))
+    register(LayerSupport("IA3", nn.Conv2d, Conv2d))
+    register(LayerSupport("IA3", nn.Conv3d, Conv3d))
+
+
+@hookimpl
+def default_target_modules(config, model_type):
+    if not isinstance(config, IA3Config):
+        return None
+    if model_type not in DEFAULT_TARGET_MODULES:
+        # answering None would let the core fall back to LoRA's attention defaults
+        raise ValueError(
+            f"IA3Config: target_modules is None and PEFT has no IA3 default for model_type {model_type!r}; "
+            f"pass target_modules (and feedforward_modules). Known: {', '.join(sorted(DEFAULT_TARGET_MODULES))}"
+        )
+    return list(DEFAULT_TARGET_MODULES[model_type])
+
+
+@hookimpl(tryfirst=True)
+def is_target_module(config, module_name, module, model):
+    """Resolve ``feedforward_modules`` from PEFT's table before the first layer is wrapped.
+
+    Answers None, so the core's matching rules still decide what is a target.
+    """
+    if isinstance(config, IA3Config) and config.feedforward_modules is None:
+        model_type = _model_type(model)
+        if model_type not in DEFAULT_FEEDFORWARD_MODULES:
+            raise ValueError(
+                f"IA3Config: feedforward_modules is None and PEFT has no IA3 default for model_type {model_type!r}; "
+                "pass feedforward_modules explicitly (a list, possibly empty, of target names whose input is scaled)"
+            )
+        config.feedforward_modules = set(DEFAULT_FEEDFORWARD_MODULES[model_type])
+    return None
+
+
+@hookimpl
+def config_to_dict(config):
+    if not isinstance(config, IA3Config):
+        return None
+    data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for name in PEFTCORE_ONLY_FIELDS:
+        if data[name] is None:
+            del data[name]
+    return data
+
+
+@hookimpl
+def combine_adapters(model, adapters, weights, adapter_name, combination_type, options):
+    """PEFT's IA3 ``add_weighted_adapter``: the new vector is the weighted sum of the others."""
+    configs = [model.peft_config[a] for a in adapters]
+    if not all(isinstance(c, IA3Config) for c in configs):
+        return None
+    if combination_type not in WEIGHTED_COMBINATIONS:
+        raise ValueError(f"(IA)^3 adapters combine only as a weighted sum ('linear'), not {combination_type!r}")
+    for key, wrapper in model.saved_module_wrappers():
+        holders = [a for a in adapters if a in wrapper.modules_to_save]
+        if len(holders) > 1:
+            raise ValueError(f"Cannot combine adapters {holders}: each trains its own copy of {key} (modules_to_save)")
+    new_config = dataclasses.replace(
+        configs[0],
+        target_modules=_union([c.target_modules for c in configs], "target_modules"),
+        feedforward_modules=_union([c.feedforward_modules for c in configs], "feedforward_modules"),
+    )
+    model.inject_adapter(new_config, adapter_name)
+    model.set_adapter(model.active_adapter)
+    with torch.no_grad():
+        for _, layer in model.adapter_layers():
+            if not isinstance(layer, IA3Layer) or adapter_name not in layer.ia3_l:
+                continue
+            target = layer.ia3_l[adapter_name]
+            target.zero_()
+            for adapter, weight in zip(adapters, weights):
+                if adapter in layer.ia3_l:
+                    target += layer.ia3_l[adapter] * weight
+    return True
+
+
+def _union(values: list, what: str):
+    """PEFT's rule: sets are united, regex strings joined into one alternation."""
+    kinds = {type(v) for v in values}
+    if len(kinds) > 1:
+        raise ValueError(f"Cannot combine (IA)^3 adapters whose {what} mix a regex string and a list")
+    if str in kinds:
+        return "|".join(f"({v})" for v in values)
+    return set().union(*values)
+
