@@ -76,6 +76,22 @@ def is_excluded(config, key: str) -> bool:
     return key in exclude or any(key.endswith(f".{name}") for name in exclude)
 
 
+def _ends_with_any(key: str, names) -> bool:
+    """``any(key.endswith("." + n) for n in names)``, by looking up each dotted suffix of ``key``.
+
+    "all-linear" resolves to every linear layer's full name: scanning hundreds of names
+    for each module made matching quadratic; a module path has only a few suffixes.
+    """
+    if not isinstance(names, (set, frozenset, dict)):
+        names = set(names)
+    rest = key
+    while "." in rest:
+        rest = rest.split(".", 1)[1]
+        if rest in names:
+            return True
+    return False
+
+
 def matches_target(config, key: str) -> bool:
     """PEFT's ``check_target_module_exists`` for one dotted module name."""
     if is_excluded(config, key):
@@ -90,7 +106,7 @@ def matches_target(config, key: str) -> bool:
         return re.fullmatch(targets, key) is not None
     if key in targets:
         return True
-    if not any(key.endswith(f".{name}") for name in targets):
+    if not _ends_with_any(key, targets):
         return False
     wanted = getattr(config, "layers_to_transform", None)
     if wanted is None or (isinstance(wanted, list) and not wanted):
@@ -106,21 +122,21 @@ def all_linear_names(model: nn.Module, task_type=None) -> set[str]:
     from transformers import PreTrainedModel
 
     from peftcore.layer import AdapterLayer
+    from peftcore.tuner import walk_modules
 
+    # nothing inside an adapter layer counts; not entering them keeps this flat in the number of adapters
+    modules = list(walk_modules(model, stop_at=(AdapterLayer,)))
     names = set()
-    inside_adapters = set()
-    for name, module in model.named_modules():
+    for name, module in modules:
         if isinstance(module, linear_types()) or (isinstance(module, AdapterLayer) and "Linear" in type(module).__name__):
             names.add(name)
-        if isinstance(module, AdapterLayer):
-            inside_adapters.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
-    excluded = set(inside_adapters)
+    excluded = set()
     if isinstance(model, PreTrainedModel):
         head = model.get_output_embeddings()
         if head is None and str(task_type) == "SEQ_CLS":
             head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
         if head is not None:
-            excluded.update(name for name, module in model.named_modules() if module is head)
+            excluded.update(name for name, module in modules if module is head)
     return names - excluded
 
 

@@ -14,8 +14,10 @@ from torch import nn
 from peftcore import serialization
 from peftcore.config import PeftConfig, TaskType
 from peftcore.layer import AdapterLayer
+from peftcore.model_adapter import saved_module_wrappers, unwrap_modules_to_save, wrap_modules_to_save
 from peftcore.modules_to_save import ModulesToSaveWrapper
 from peftcore.plugins import hooks, method_for_config
+from peftcore.training import enable_input_grads
 from peftcore.tuner import AdapterModel
 
 BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
@@ -24,7 +26,7 @@ BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
 def _check_adapter_name(adapter_name: str) -> None:
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
         raise ValueError(f"Invalid adapter name {adapter_name!r}: use a non-empty string without '.', not {BASE_ADAPTER!r}")
-    if hasattr(nn.Module, adapter_name):
+    if hasattr(nn.Module(), adapter_name):
         raise ValueError(f"Invalid adapter name {adapter_name!r}: it clashes with the torch.nn.Module attribute of that name")
 
 
@@ -37,15 +39,19 @@ class PeftModel(nn.Module):
         self._prepare_config(peft_config, model)
         method = method_for_config(peft_config)
         self.modules_to_save = set(getattr(peft_config, "modules_to_save", None) or ()) or None
+        checkpointing = _checkpointing_on(model)  # asked before injection: the check visits every module
         if method.kind == "model":
             self.base_model = model
             self.prompt_encoder = nn.ModuleDict()
             self._prompt_configs: dict[str, PeftConfig] = {}
             self._prompt_active = adapter_name
+            self._prompt_disabled = False
             self._add_model_adapter(peft_config, adapter_name)
         else:
             self.base_model = AdapterModel(model, peft_config, adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
+        if checkpointing:
+            _require_input_grads(model)  # checkpointing was on before the adapters came (see gradient_checkpointing_enable)
 
     # -- construction ------------------------------------------------------------
 
@@ -58,15 +64,37 @@ class PeftModel(nn.Module):
             config.modules_to_save = current + [n for n in task_heads if n not in current]
 
     def _add_model_adapter(self, config: PeftConfig, adapter_name: str) -> None:
+        if any(isinstance(m, AdapterLayer) for m in self.base_model.modules()):
+            raise ValueError(
+                f"Cannot add a {config.peft_type} adapter to a model that already has adapter layers (e.g. LoRA): one model "
+                "holds adapters of one method; merge_and_unload() or unload() the layer adapters first"
+            )
         adapter = hooks.create_model_adapter(model=self.base_model, config=config, adapter_name=adapter_name)
         if adapter is None:
             raise ValueError(f"No plugin created a model adapter for {config.peft_type}")
-        self.prompt_encoder[adapter_name] = adapter
-        self._prompt_configs[adapter_name] = config
         for param in self.base_model.parameters():
             param.requires_grad_(False)
+        try:
+            wrap_modules_to_save(self.base_model, getattr(config, "modules_to_save", None), adapter_name)
+        except Exception:
+            for wrapper in saved_module_wrappers(self.base_model):
+                wrapper.delete_adapter(adapter_name)
+            unwrap_modules_to_save(self.base_model)
+            raise
+        self.prompt_encoder[adapter_name] = adapter
+        self._prompt_configs[adapter_name] = config
+        self._activate_model_adapter(self._prompt_active)
+
+    def _activate_model_adapter(self, adapter_name: str | None, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the one that runs; it trains unless it (or its config) is in inference mode."""
+        self._prompt_active = adapter_name
+        trainable = adapter_name is not None and not (inference_mode or self._prompt_configs[adapter_name].inference_mode)
         for name, module in self.prompt_encoder.items():
-            module.requires_grad_(name == self._prompt_active and not config.inference_mode)
+            module.requires_grad_(name == adapter_name and trainable)
+        for wrapper in saved_module_wrappers(self.base_model):
+            wrapper.set_adapter(adapter_name)
+            if not trainable:
+                wrapper.requires_grad_(False)
 
     @property
     def _uses_layers(self) -> bool:
@@ -104,6 +132,12 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model if self._uses_layers else self.base_model
 
+    def get_prompt_embedding_to_save(self, adapter_name: str):
+        """PEFT's ``prompt_embeddings`` of a prompt-learning adapter (the encoder output, on the CPU)."""
+        if self._uses_layers or adapter_name not in self.prompt_encoder:
+            raise ValueError(f"{adapter_name!r} is not a prompt-learning adapter of this model")
+        return self.prompt_encoder[adapter_name].prompt_embeddings_to_save()
+
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs."""
         _check_adapter_name(adapter_name)
@@ -117,22 +151,22 @@ class PeftModel(nn.Module):
             )
         self._prepare_config(peft_config, self.get_base_model())
         if self._uses_layers:
+            # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
+            # no model-wide set_adapter here, whose cost grows with the number of adapters
             self.base_model.inject_adapter(peft_config, adapter_name)
-            self.base_model.set_adapter(self.base_model.active_adapter)
         else:
             self._add_model_adapter(peft_config, adapter_name)
         if getattr(peft_config, "modules_to_save", None):
             self.modules_to_save = (self.modules_to_save or set()) | set(peft_config.modules_to_save)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter; it trains unless ``inference_mode``."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; existing adapters: {sorted(self.peft_config)}")
         if self._uses_layers:
-            self.base_model.set_adapter(adapter_name)
+            self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
         else:
-            self._prompt_active = adapter_name
-            for name, module in self.prompt_encoder.items():
-                module.requires_grad_(name == adapter_name and not self.peft_config[name].inference_mode)
+            self._activate_model_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._uses_layers:
@@ -142,8 +176,11 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
         del self.prompt_encoder[adapter_name]
         del self._prompt_configs[adapter_name]
-        if self._prompt_active == adapter_name and self._prompt_configs:
-            self.set_adapter(next(iter(self._prompt_configs)))
+        for wrapper in saved_module_wrappers(self.base_model):
+            wrapper.delete_adapter(adapter_name)
+        unwrap_modules_to_save(self.base_model)
+        if self._prompt_active == adapter_name:
+            self._activate_model_adapter(next(iter(self._prompt_configs), None))
 
     @contextmanager
     def disable_adapter(self):
@@ -152,12 +189,19 @@ class PeftModel(nn.Module):
             with self.base_model.adapters_disabled():
                 yield
             return
-        saved = self._prompt_active
-        self._prompt_active = None
+        # The active adapter stays named (active_peft_config works inside); only its effect is switched off.
+        was_disabled, self._prompt_disabled = self._prompt_disabled, True
+        wrappers = saved_module_wrappers(self.base_model)
+        for wrapper in wrappers:
+            wrapper.enable_adapters(False)
         try:
             yield
         finally:
-            self._prompt_active = saved
+            self._prompt_disabled = was_disabled
+            for wrapper in wrappers:
+                wrapper.enable_adapters(not was_disabled)
+            if not was_disabled:
+                self._activate_model_adapter(self._prompt_active)
 
     # -- parameters ------------------------------------------------------------------
 
@@ -177,6 +221,28 @@ class PeftModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- training ------------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint the base model's blocks and let gradients reach the adapters inside them.
+
+        On a frozen base a checkpointed block's inputs carry no grad, so the adapters in
+        it would get none ("element 0 of tensors does not require grad" with reentrant
+        checkpointing): the input embeddings are made to require grad, as PEFT does.
+        ``Trainer(args.gradient_checkpointing=True)`` calls this (or the alias below).
+        """
+        base = self.get_base_model()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        elif hasattr(base, "gradient_checkpointing_enable"):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        else:
+            raise ValueError(f"{type(base).__name__} has no gradient_checkpointing_enable (not a transformers model?)")
+        _require_input_grads(base)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # -- running -------------------------------------------------------------------------
 
@@ -208,22 +274,27 @@ class PeftModel(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def _prepare_model_kwargs(self, kwargs: dict[str, Any], generating: bool = False) -> dict[str, Any]:
-        if self._uses_layers or self._prompt_active is None:
-            return kwargs
+    def _prepare_model_kwargs(self, kwargs: dict[str, Any], generating: bool = False, args: tuple = ()) -> tuple[tuple, dict[str, Any]]:
+        if self._uses_layers or self._prompt_active is None or self._prompt_disabled:
+            return args, kwargs
+        if args:  # a model adapter edits keyword arguments; the one usual positional is input_ids
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError(f"{self.active_peft_config.peft_type} models take keyword arguments (input_ids=..., attention_mask=...), got {len(args)} positional")
+            kwargs = {"input_ids": args[0], **kwargs}
         adapter = self.prompt_encoder[self._prompt_active]
         model = self.base_model
-        return adapter.prepare_generate(model, kwargs) if generating else adapter.prepare_forward(model, kwargs)
+        return (), adapter.prepare_generate(model, kwargs) if generating else adapter.prepare_forward(model, kwargs)
 
     def forward(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
-        kwargs = self._prepare_model_kwargs(kwargs)
+        args, kwargs = self._prepare_model_kwargs(kwargs, args=args)
         with self._mixed_batch(adapter_names):
-            return self.get_base_model()(*args, **kwargs)
+            # through the AdapterModel (not straight to the wrapped model), so process_model_output runs
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
-        kwargs = self._prepare_model_kwargs(kwargs, generating=True)
+        args, kwargs = self._prepare_model_kwargs(kwargs, generating=True, args=args)
         with self._mixed_batch(adapter_names):
             return self.get_base_model().generate(*args, **kwargs)
 
@@ -293,6 +364,17 @@ class PeftModel(nn.Module):
     def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
         missing, unexpected = hooks.load_adapter_state_dict(model=self, config=config, adapter_name=adapter_name, state_dict=weights)
         serialization.warn_load_report(missing, unexpected, where)
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5; the old name warns there
+    return bool(on if on is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
+def _require_input_grads(model: nn.Module) -> None:
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()  # transformers may have added the hook already: keep exactly one
+    enable_input_grads(model)
 
 
 def _model_card(model: PeftModel) -> str:
@@ -378,6 +460,11 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """Wrap ``model`` (modified in place) with a new adapter, choosing the wrapper from ``task_type``."""
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a peftcore config (e.g. LoraConfig), got {type(peft_config).__name__}")
+    if isinstance(model, PeftModel) and (not model._uses_layers or method_for_config(peft_config).kind == "model"):
+        raise ValueError(
+            f"get_peft_model got a PeftModel holding {model.active_peft_config.peft_type} adapters and a {peft_config.peft_type} "
+            "config: one model holds adapters of one method (prompt-learning methods cannot be stacked with others)"
+        )
     if isinstance(model, PeftModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
         warnings.warn("The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2)
     model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel

@@ -23,13 +23,34 @@ def _parent_and_name(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _names_inside_wrappers(model: nn.Module) -> set[str]:
-    """Modules that live inside an adapter wrapper: never targets themselves."""
-    inside = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            inside.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
-    return inside
+WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)
+
+
+def walk_modules(model: nn.Module, stop_at: tuple[type, ...] = ()):
+    """``named_modules`` order, but never into an adapter layer's per-adapter holders.
+
+    Each adapter adds sub-modules to every wrapped layer; skipping them keeps the
+    cost of a walk independent of how many adapters the model holds. Modules of a
+    type in ``stop_at`` are yielded but not entered (``WRAPPERS``: the candidates
+    for a new adapter, which never live inside a wrapper).
+    """
+    seen = set()
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if stop_at and isinstance(module, stop_at):
+            continue
+        if isinstance(module, AdapterLayer):
+            skip = set(module.adapter_layer_names) | set(module.other_param_names)
+        else:
+            skip = ()
+        children = [(child, sub) for child, sub in module._modules.items() if sub is not None and child not in skip]
+        prefix = f"{name}." if name else ""
+        stack.extend((prefix + child, sub) for child, sub in reversed(children))
 
 
 class AdapterModel(nn.Module):
@@ -51,15 +72,17 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        output = self.model(*args, **kwargs)
+        hooks.process_model_output(model=self, output=output)
+        return output
 
     # -- layers ----------------------------------------------------------------
 
     def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
-        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, AdapterLayer)]
+        return [(name, m) for name, m in walk_modules(self.model) if isinstance(m, AdapterLayer)]
 
     def saved_module_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
-        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        return [(name, m) for name, m in walk_modules(self.model) if isinstance(m, ModulesToSaveWrapper)]
 
     # -- injection -------------------------------------------------------------
 
@@ -82,7 +105,7 @@ class AdapterModel(nn.Module):
         except Exception:
             self._remove_partial(adapter_name)
             raise
-        self._freeze_all_but_adapters()
+        self._freeze_all_but_adapters(new_adapter=adapter_name)
         hooks.adapter_injected(model=self, config=config, adapter_name=adapter_name)
         if config.inference_mode:
             self._freeze_adapter(adapter_name)
@@ -98,10 +121,10 @@ class AdapterModel(nn.Module):
                 wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
     def _wrap_targets(self, method, config, adapter_name: str) -> None:
-        skip = _names_inside_wrappers(self.model)
         matched = 0
-        for key, target in list(self.model.named_modules()):
-            if not key or key in skip:
+        wrapped_prefix = None  # descendants of a module just wrapped follow it in pre-order: skip them
+        for key, target in list(walk_modules(self.model, stop_at=WRAPPERS)):
+            if not key or (wrapped_prefix is not None and key.startswith(wrapped_prefix)):
                 continue
             if not hooks.is_target_module(config=config, module_name=key, module=target, model=self.model):
                 continue
@@ -110,7 +133,6 @@ class AdapterModel(nn.Module):
                 if target.peft_type != method.peft_type:
                     raise ValueError(f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top")
                 target.update_layer(adapter_name, config)
-                target.set_adapter(target.active_adapters)
                 continue
             support = pick_layer_support(method.peft_type, target, config)
             if support is None:
@@ -124,18 +146,16 @@ class AdapterModel(nn.Module):
             wrapper = support.factory(target, adapter_name, config, key)
             parent, child = _parent_and_name(self.model, key)
             setattr(parent, child, wrapper)
-            skip.update(f"{key}.{sub}" for sub, _ in wrapper.named_modules() if sub)
+            wrapped_prefix = f"{key}."
         if matched == 0:
             raise ValueError(matching.describe_no_match(config, self.model))
-        active = self.active_adapters
-        for _, layer in self.adapter_layers():
-            layer.set_adapter(active)
+        # which adapters are active (and train) is settled by _freeze_all_but_adapters, which follows
 
     def _wrap_modules_to_save(self, config, adapter_name: str) -> None:
         names = getattr(config, "modules_to_save", None)
         if not names:
             return
-        for key, module in list(self.model.named_modules()):
+        for key, module in list(walk_modules(self.model)):
             if not key or not any(key == n or key.endswith(f".{n}") for n in names):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
@@ -163,13 +183,46 @@ class AdapterModel(nn.Module):
                 parent, child = _parent_and_name(self.model, key)
                 setattr(parent, child, wrapper.original_module)
 
-    def _freeze_all_but_adapters(self) -> None:
-        for name, param in self.model.named_parameters():
-            param.requires_grad_(False)
+    def _freeze_all_but_adapters(self, new_adapter: str | None = None) -> None:
+        """Freeze everything but the active adapters (PEFT's ``_mark_only_adapters_as_trainable``).
+
+        Costs the same with 2 or 16 adapters: the walk skips the per-adapter holders, and
+        a layer whose active adapters stay as they were only gets ``new_adapter``'s flags
+        set (it is inactive there); any other layer gets a full ``set_adapter``. Adding an
+        adapter to a merged layer unmerges it first, as PEFT does.
+        """
+        layers, saved = [], []
+        for _, module in walk_modules(self.model):
+            for param in module._parameters.values():
+                if param is not None:
+                    param.requires_grad_(False)
+            if isinstance(module, ModulesToSaveWrapper):
+                saved.append(module)
+            if isinstance(module, AdapterLayer):
+                layers.append(module)
+                for attr in module.other_param_names:
+                    holder = getattr(module, attr, None)
+                    if not isinstance(holder, nn.Module):
+                        continue
+                    if new_adapter is None:
+                        holder.requires_grad_(False)
+                    elif new_adapter in holder:  # the older entries were frozen when they came
+                        holder[new_adapter].requires_grad_(False)
         active = self.active_adapters
-        for _, layer in self.adapter_layers():
-            layer.set_adapter(active)
-        for _, wrapper in self.saved_module_wrappers():
+        for layer in layers:
+            if new_adapter is not None and layer.merged:
+                warnings.warn("Adapters were merged; unmerging before adding an adapter")
+                self._unmerge_layer(layer)
+            attrs = layer.adapter_layer_names + layer.other_param_names
+            present = [n for n in active if any(n in (getattr(layer, attr, None) or ()) for attr in attrs)]
+            if new_adapter is None or new_adapter in present or layer.active_adapters != present:
+                layer.set_adapter(active)
+                continue
+            for attr in layer.adapter_layer_names:
+                holder = getattr(layer, attr, None)
+                if holder is not None and new_adapter in holder:
+                    holder[new_adapter].requires_grad_(False)
+        for wrapper in saved:
             wrapper.set_adapter(self._first_active())
 
     # -- activation --------------------------------------------------------------

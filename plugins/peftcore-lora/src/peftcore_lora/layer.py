@@ -12,6 +12,7 @@ from torch import nn
 from peftcore import AdapterLayer
 from peftcore.layer import check_finite
 
+from peftcore_lora import fast
 from peftcore_lora import init as lora_init
 from peftcore_lora.dora import DoraConv2dLayer, DoraEmbeddingLayer, DoraLinearLayer
 
@@ -62,7 +63,13 @@ class LoraLayer(AdapterLayer):
             self.lora_magnitude_vector[adapter_name].update_layer(
                 base_layer=self.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[adapter_name]
             )
-        self.set_adapter(self.active_adapters or [adapter_name])
+        if not self.active_adapters or adapter_name in self.active_adapters:
+            self.set_adapter(self.active_adapters or [adapter_name])
+        else:  # a new adapter beside active ones starts inactive; touching only its flags keeps adding flat
+            for attr in self.adapter_layer_names:
+                holder = getattr(self, attr)
+                if adapter_name in holder:
+                    holder[adapter_name].requires_grad_(False)
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """Multiply the adapter's scaling (PEFT's ``set_scale``: alpha/r times ``scale``)."""
@@ -142,6 +149,10 @@ class LoraLayer(AdapterLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if not self.merged and not args and not kwargs and fast.applies_to(self):
+            fused = fast.linear_forward(self, x)  # None: preconditions not met, run the plain path
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
@@ -161,6 +172,10 @@ class LoraLayer(AdapterLayer):
         if any(self.use_dora.get(n) for n in set(adapter_names)):
             raise ValueError("Mixed-adapter batches are not supported with DoRA adapters")
         result = self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs and fast.applies_to(self):
+            grouped = fast.mixed_batch_delta(self, x, adapter_names, result)  # None: leaves result untouched
+            if grouped is not None:
+                return grouped
         rows_by_adapter: dict[str, list[int]] = {}
         for row, name in enumerate(adapter_names):
             rows_by_adapter.setdefault(name, []).append(row)

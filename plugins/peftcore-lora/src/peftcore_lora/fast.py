@@ -1,0 +1,389 @@
+"""Fast LoRA paths for ``Linear``/``Conv1D`` wrappers, exactly equivalent to the plain path.
+
+Two things make the plain path (``base(x) + B(A(dropout(x))) * s`` per adapter) slow:
+separate ``(N, out)`` temporaries for the LoRA product, its scaled copy and the sum,
+and autograd saving a dropout copy of the input per adapter. Here one autograd
+function computes the base layer and every active adapter with in-place GEMM
+accumulation (``addmm_`` with ``alpha=s``), saves only the input (shared between
+layers that read the same tensor), the tiny ``x @ A.T`` products and a 1-byte
+dropout mask, and recomputes the rest in backward.
+
+Mixed-adapter batches use one gathered, batched computation (per-row A and B
+stacked and ``bmm``) instead of a Python loop over the adapters.
+
+Every entry point returns ``None`` when its preconditions do not hold; the caller
+then runs the plain path, so unusual layers (DoRA, quantised or hooked base
+layers, autocast, tensor subclasses, torch.compile) keep their exact behaviour.
+On CUDA with Triton installed the same maths runs in the fused kernels of
+:mod:`peftcore_lora.kernels`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module_globals
+
+BASE_ADAPTER = "__base__"
+_ENV_DISABLE = "PEFTCORE_LORA_FAST"  # "0" switches every fast path off (for A/B comparisons)
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def enabled() -> bool:
+    return os.environ.get(_ENV_DISABLE, "1") != "0"
+
+
+def _conv1d_type():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+_BASE_TYPES: tuple[type, ...] | None = None
+
+
+def _base_types() -> tuple[type, ...]:
+    global _BASE_TYPES
+    if _BASE_TYPES is None:
+        _BASE_TYPES = (nn.Linear, _conv1d_type())
+    return _BASE_TYPES
+
+
+_LINEAR_CLASS = None
+
+
+def applies_to(layer) -> bool:
+    """Only peftcore-lora's own ``Linear`` maths (a subclass changing ``adapter_output`` keeps its own)."""
+    global _LINEAR_CLASS
+    if _LINEAR_CLASS is None:
+        from peftcore_lora.layer import Linear
+
+        _LINEAR_CLASS = Linear
+    return isinstance(layer, _LINEAR_CLASS) and type(layer).adapter_output is _LINEAR_CLASS.adapter_output
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
+
+
+def _plain_tensor(t) -> bool:
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class _Adapter:
+    """One active adapter's tensors and constants, as the fused function needs them."""
+
+    __slots__ = ("A", "B", "bias", "scaling", "p")
+
+    def __init__(self, A, B, bias, scaling: float, p: float):
+        self.A, self.B, self.bias, self.scaling, self.p = A, B, bias, scaling, p
+
+
+def _active_adapters(layer, x: torch.Tensor) -> list[_Adapter] | None:
+    """The active, present adapters of ``layer`` if all of them can take the fused path."""
+    adapters = []
+    for name in layer.active_adapters:
+        if name not in layer.r:
+            continue
+        if layer.use_dora.get(name):
+            return None
+        lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or _has_hooks(lora_A) or _has_hooks(lora_B):
+            return None
+        if type(dropout) is nn.Identity:
+            p = 0.0
+        elif type(dropout) is nn.Dropout and not dropout.inplace and not _has_hooks(dropout):
+            p = dropout.p if dropout.training else 0.0
+        else:
+            return None
+        A, B, bias = lora_A.weight, lora_B.weight, lora_B.bias
+        if not (_plain_tensor(A) and _plain_tensor(B) and _plain_tensor(bias)):
+            return None
+        if A.dtype != x.dtype or B.dtype != x.dtype or A.device != x.device or B.device != x.device:
+            return None
+        adapters.append(_Adapter(A, B, bias, float(layer.scaling[name]), float(p)))
+    return adapters
+
+
+def _base_tensors(layer, x: torch.Tensor):
+    """(weight, bias, fan_in_fan_out) of a plain Linear/Conv1D base layer, else None."""
+    base = layer.base_layer
+    if type(base) not in _base_types() or _has_hooks(base):
+        return None
+    weight, bias = base.weight, base.bias
+    if not (_plain_tensor(weight) and _plain_tensor(bias)):
+        return None
+    if weight.dtype != x.dtype or weight.device != x.device:
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
+        return None
+    return weight, bias, type(base) is not nn.Linear
+
+
+def _input_ok(x) -> bool:
+    return type(x) is torch.Tensor and x.dtype in _FLOAT_TYPES and x.dim() >= 1
+
+
+def _fast_context_ok() -> bool:
+    if not enabled() or _global_hooks() or _compiling():
+        return False
+    return not torch.is_autocast_enabled()
+
+
+# -- the fused base + LoRA linear --------------------------------------------------
+
+
+def _base_mm(x2d, weight, bias, fan_in_fan_out: bool):
+    w = weight if fan_in_fan_out else weight.t()
+    return torch.mm(x2d, w) if bias is None else torch.addmm(bias, x2d, w)
+
+
+def _dropout(x2d, p: float):
+    """PEFT's ``nn.Dropout`` on the LoRA input, same RNG stream, with a 1-byte mask to save."""
+    if p == 0.0:
+        return x2d, None
+    # F.dropout goes through native_dropout on accelerators and draws the same Bernoulli
+    # mask on CPU, so a fixed seed gives the plain path's mask bit for bit.
+    dropped, mask = torch.native_dropout(x2d, p, True)
+    return dropped, mask
+
+
+def _undropout(grad, mask, p: float):
+    if mask is None:
+        return grad
+    return torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
+
+
+def _lora_forward_into(y, x2d, adapters: list[_Adapter], keep: bool):
+    """Add each adapter's ``s * B(A(dropout(x)))`` into ``y`` in place.
+
+    Returns (x @ A.T products, dropout masks) when ``keep`` (for backward).
+    """
+    xas, masks = [], []
+    for ad in adapters:
+        xd, mask = _dropout(x2d, ad.p)
+        xa = torch.mm(xd, ad.A.t())
+        y.addmm_(xa, ad.B.t(), alpha=ad.scaling)
+        if ad.bias is not None:
+            y.add_(ad.bias, alpha=ad.scaling)
+        if keep:
+            xas.append(xa)
+            masks.append(mask)
+    return xas, masks
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """``y = x W.T + b + sum_i s_i * (dropout_i(x) A_i.T) B_i.T (+ s_i * bias_i)``.
+
+    Inputs: ``x2d, weight, bias, fan_in_fan_out, scalings, ps, *lora`` with ``lora``
+    = ``(A_1, B_1, bias_1, A_2, ...)``. Saves ``x`` (only when a weight needs a
+    gradient), the ``(N, r)`` products ``x A.T`` and 1-byte dropout masks.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, fan_in_fan_out, scalings, ps, *lora):
+        adapters = [_Adapter(lora[3 * i], lora[3 * i + 1], lora[3 * i + 2], s, p) for i, (s, p) in enumerate(zip(scalings, ps))]
+        y = _base_mm(x2d, weight, bias, fan_in_fan_out)
+        xas, masks = _lora_forward_into(y, x2d, adapters, keep=True)
+        needs = ctx.needs_input_grad
+        a_grad = any(needs[6 + 3 * i] for i in range(len(adapters)))
+        keep_x = x2d if (a_grad or needs[1]) else None
+        ctx.fan_in_fan_out, ctx.scalings, ctx.ps, ctx.n_adapters = fan_in_fan_out, scalings, ps, len(adapters)
+        ctx.has_mask = [m is not None for m in masks]
+        ctx.save_for_backward(keep_x, weight, *lora, *xas, *[m for m in masks if m is not None])
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        n = ctx.n_adapters
+        x2d, weight = saved[0], saved[1]
+        lora = saved[2 : 2 + 3 * n]
+        xas = saved[2 + 3 * n : 2 + 4 * n]
+        mask_iter = iter(saved[2 + 4 * n :])
+        masks = [next(mask_iter) if has else None for has in ctx.has_mask]
+        needs = ctx.needs_input_grad
+        dy = dy.contiguous()
+
+        dx = dw = db = None
+        if needs[0]:
+            dx = torch.mm(dy, weight.t() if ctx.fan_in_fan_out else weight)
+        if needs[1]:
+            dw = torch.mm(x2d.t(), dy) if ctx.fan_in_fan_out else torch.mm(dy.t(), x2d)
+        if needs[2]:
+            db = dy.sum(0)
+        grads = []
+        for i in range(n):
+            A, B, bias = lora[3 * i], lora[3 * i + 1], lora[3 * i + 2]
+            s, p, mask, xa = ctx.scalings[i], ctx.ps[i], masks[i], xas[i]
+            want_a, want_b, want_bias = needs[6 + 3 * i], needs[7 + 3 * i], needs[8 + 3 * i]
+            g = None
+            if want_a or needs[0]:
+                g = torch.mm(dy, B).mul_(s)  # gradient w.r.t. dropout(x) A.T, (N, r)
+            dA = dB = dbias = None
+            if want_a:
+                xd = x2d if mask is None else torch.ops.aten.native_dropout_backward(x2d, mask, 1.0 / (1.0 - p))
+                dA = torch.mm(g.t(), xd)
+            if want_b:
+                dB = torch.mm(dy.t(), xa).mul_(s)
+            if want_bias and bias is not None:
+                dbias = dy.sum(0).mul_(s)
+            if needs[0]:
+                if mask is None:
+                    dx.addmm_(g, A)
+                else:
+                    dx.add_(_undropout(torch.mm(g, A), mask, p))
+            grads += [dA, dB, dbias]
+        return (dx, dw, db, None, None, None, *grads)
+
+
+def linear_forward(layer, x: torch.Tensor):
+    """Base + every active adapter of a LoRA ``Linear`` in one pass, or None (use the plain path)."""
+    if not _fast_context_ok() or not _input_ok(x):
+        return None
+    base = _base_tensors(layer, x)
+    if base is None:
+        return None
+    weight, bias, fan_in_fan_out = base
+    in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
+    if x.shape[-1] != in_features:
+        return None
+    adapters = _active_adapters(layer, x)
+    if adapters is None:
+        return None
+    out_shape = x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],)
+    x2d = x.reshape(-1, in_features)
+
+    from peftcore_lora import kernels
+
+    if kernels.usable(x2d):
+        y = kernels.fused_lora_linear(x2d, weight, bias, fan_in_fan_out, adapters)
+        if y is not None:
+            return y.view(out_shape)
+
+    lora = []
+    for ad in adapters:
+        lora += [ad.A, ad.B, ad.bias]
+    tensors = [x, weight, bias, *lora]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        scalings = tuple(ad.scaling for ad in adapters)
+        ps = tuple(ad.p for ad in adapters)
+        y = FusedLoraLinear.apply(x2d, weight, bias, fan_in_fan_out, scalings, ps, *lora)
+    else:
+        y = _base_mm(x2d, weight, bias, fan_in_fan_out)
+        _lora_forward_into(y, x2d, adapters, keep=False)
+    return y.view(out_shape)
+
+
+# -- mixed-adapter batches -----------------------------------------------------------
+
+
+def _stack_padded(tensors: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:
+    """Stack (r_i, ...) or (..., r_i) matrices, zero-padding the rank dim to ``size``."""
+    if all(t.shape[dim] == size for t in tensors):
+        return torch.stack(tensors)
+    padded = []
+    for t in tensors:
+        pad = size - t.shape[dim]
+        if pad:
+            shape = list(t.shape)
+            shape[dim] = pad
+            t = torch.cat([t, t.new_zeros(shape)], dim=dim)
+        padded.append(t)
+    return torch.stack(padded)
+
+
+def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: torch.Tensor):
+    """Add each row's adapter output to ``result`` with batched matmuls; None to fall back.
+
+    Rows naming ``__base__`` (or an adapter this layer does not have) get nothing, as
+    in the plain path. Ranks may differ: A and B are zero-padded to the largest rank,
+    which adds exact zeros.
+    """
+    if not _fast_context_ok() or not _input_ok(x) or type(result) is not torch.Tensor or x.dim() < 2:
+        return None
+    if result.dtype != x.dtype or result.shape[0] != x.shape[0]:
+        return None
+    names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER and n in layer.r]
+    if not names:
+        return result
+    As, Bs, biases, scalings = [], [], [], []
+    for name in names:
+        if layer.use_dora.get(name):
+            return None
+        lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or _has_hooks(lora_A) or _has_hooks(lora_B):
+            return None
+        if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)):
+            return None  # a training-mode dropout draws random masks: the plain path keeps its RNG order
+        A, B = lora_A.weight, lora_B.weight
+        if not (_plain_tensor(A) and _plain_tensor(B) and _plain_tensor(lora_B.bias)):
+            return None
+        if A.dtype != x.dtype or B.dtype != x.dtype or A.device != x.device:
+            return None
+        As.append(A)
+        Bs.append(B)
+        biases.append(lora_B.bias)
+        scalings.append(float(layer.scaling[name]))
+    in_features, out_features = As[0].shape[1], Bs[0].shape[0]
+    if x.shape[-1] != in_features or result.shape[-1] != out_features:
+        return None
+
+    index = {name: i for i, name in enumerate(names)}
+    row_adapter = [index.get(n, -1) for n in adapter_names]
+    rows = [i for i, a in enumerate(row_adapter) if a >= 0]
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in As + Bs))
+
+    x3 = x.reshape(x.shape[0], -1, in_features)
+    if len(rows) != len(row_adapter):
+        rows_t = torch.tensor(rows, device=x.device)
+        x3 = x3.index_select(0, rows_t)
+    picks = [row_adapter[i] for i in rows]
+
+    from peftcore_lora import kernels
+
+    delta = kernels.segmented_lora(x3, As, Bs, biases, scalings, picks) if kernels.usable(x3) and not grad else None
+    if delta is None:
+        delta = _grouped_delta(x3, As, Bs, biases, scalings, picks)
+    delta = delta.view(len(rows), *result.shape[1:])
+    if len(rows) == len(row_adapter):
+        return result + delta if grad else result.add_(delta)
+    return result.index_add(0, rows_t, delta) if grad else result.index_add_(0, rows_t, delta)
+
+
+def _grouped_delta(x3, As, Bs, biases, scalings, picks: list[int]) -> torch.Tensor:
+    """``s_k * (x_b A_k.T) B_k.T (+ s_k bias_k)`` for every row b with adapter k = picks[b]."""
+    r_max = max(A.shape[0] for A in As)
+    device = x3.device
+    if len(As) == 1:
+        # one adapter: a single (rows*T, in) GEMM pair beats per-row bmm
+        flat = x3.reshape(-1, x3.shape[-1])
+        xa = torch.mm(flat, As[0].t())
+        delta = torch.mm(xa, Bs[0].t()).mul_(scalings[0]) if not xa.requires_grad else torch.mm(xa, Bs[0].t()) * scalings[0]
+        if biases[0] is not None:
+            delta = delta + biases[0] * scalings[0]
+        return delta.view(*x3.shape[:2], -1)
+    idx = torch.tensor(picks, device=device)
+    A_rows = _stack_padded(As, 0, r_max).index_select(0, idx)  # (rows, r, in)
+    B_rows = _stack_padded(Bs, 1, r_max).index_select(0, idx)  # (rows, out, r)
+    scale = torch.tensor(scalings, dtype=x3.dtype, device=device).index_select(0, idx).view(-1, 1, 1)
+    xa = torch.bmm(x3, A_rows.transpose(1, 2)) * scale
+    delta = torch.bmm(xa, B_rows.transpose(1, 2))
+    if any(b is not None for b in biases):
+        zero = torch.zeros(Bs[0].shape[0], dtype=x3.dtype, device=device)
+        bias_rows = torch.stack([b if b is not None else zero for b in biases]).index_select(0, idx)
+        delta = delta + (bias_rows * scale.view(-1, 1)).unsqueeze(1)
+    return delta
