@@ -1,0 +1,169 @@
+"""``peftcore info DIR``: what an adapter folder holds, and whether its files agree with each other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from peftcore.cli.errors import CliError
+from peftcore.cli.render import human_bytes, table
+from peftcore.config import CONFIG_NAME
+from peftcore.serialization import PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, AdapterFileError
+
+PREFIX = "base_model.model."
+SHOWN_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "init_r", "target_r", "num_virtual_tokens", "feedforward_modules")
+FOLDER_HINT = f"an adapter folder holds {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}, as written by save_pretrained"
+
+
+def _read_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """The raw config and the tensors; unreadable or missing files are errors, not report lines."""
+    from peftcore.serialization import load_weights
+
+    if not folder.is_dir():
+        raise CliError(f"{folder}: no such folder", FOLDER_HINT)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise CliError(f"{folder}: no {CONFIG_NAME}, so this is not an adapter folder", FOLDER_HINT)
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{config_path}: not valid JSON ({exc})", "the file is damaged; save the adapter again") from None
+    if not isinstance(raw, dict):
+        raise CliError(f"{config_path}: expected a JSON object, got {type(raw).__name__}", FOLDER_HINT)
+    weights_path = folder / SAFETENSORS_WEIGHTS_NAME
+    if not weights_path.is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
+        weights_path = folder / PICKLE_WEIGHTS_NAME
+    try:
+        tensors = load_weights(folder, allow_pickle=True)
+    except AdapterFileError as exc:
+        raise CliError(str(exc), "the weights file is missing or damaged; save the adapter again") from None
+    return raw, tensors, weights_path.stat().st_size
+
+
+def _parse_config(raw: dict, problems: list[str]):
+    from peftcore.serialization import config_from_dict
+
+    data = {k: v for k, v in raw.items() if k != "runtime_config"}
+    try:
+        return config_from_dict(data)
+    except (AdapterFileError, ValueError, TypeError) as exc:
+        problems.append(f"config does not parse: {exc}")
+        return None
+
+
+def _module_path(key: str, prefixes: tuple[str, ...]) -> str | None:
+    """``base_model.model.a.b.lora_A.weight`` -> ``a.b`` (the module holding the method's tensors)."""
+    parts = key[len(PREFIX):].split(".") if key.startswith(PREFIX) else key.split(".")
+    for i, part in enumerate(parts):
+        if prefixes and part.startswith(prefixes):
+            return ".".join(parts[:i])
+    return None
+
+
+def check(raw: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[str], set[str]]:
+    """Problems found, and the adapted module paths. Method-agnostic checks, plus LoRA's rank shapes."""
+    from peftcore.matching import matches_target
+    from peftcore.plugins import get_method
+
+    problems: list[str] = []
+    config = _parse_config(raw, problems)
+    try:
+        method = get_method(raw.get("peft_type", ""))
+    except ValueError:
+        method = None
+    prefixes = method.tensor_prefixes if method else (("lora_",) if raw.get("peft_type") == "LORA" else ())
+    if not tensors:
+        problems.append("the weights file holds no tensors")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            problems.append(f"{key}: holds NaN or infinite values")
+        if ".default." in key:
+            problems.append(f"{key}: carries the adapter name 'default' (in-memory name); PEFT's files drop it")
+    layer_kind = method is None or method.kind == "layer"
+    if layer_kind:
+        for key in tensors:
+            if not key.startswith(PREFIX):
+                problems.append(f"{key}: does not start with {PREFIX!r} (PEFT's layout)")
+    modules = {m for m in (_module_path(k, prefixes) for k in tensors) if m}
+    targets = raw.get("target_modules")
+    if config is not None and layer_kind and targets not in (None, "all-linear"):
+        for module in sorted(modules):
+            if not matches_target(config, module):
+                problems.append(f"{module}: has adapter tensors but does not match target_modules {targets!r}")
+    saved = raw.get("modules_to_save") or []
+    for key in tensors:
+        if layer_kind and _module_path(key, prefixes) is None and prefixes:
+            owner = key[len(PREFIX):].rsplit(".", 1)[0]
+            is_bias = key.endswith(".bias") and raw.get("bias", "none") != "none"
+            if not is_bias and not any(owner == s or owner.endswith(f".{s}") for s in saved):
+                problems.append(f"{key}: belongs neither to an adapted module nor to modules_to_save {saved}")
+    if raw.get("peft_type") == "LORA":
+        problems += _check_lora_ranks(raw, config, tensors, modules)
+    return problems, modules
+
+
+def _check_lora_ranks(raw: dict, config, tensors: dict[str, torch.Tensor], modules: set[str]) -> list[str]:
+    """lora_A has r rows and lora_B r columns (after rank_pattern); both exist for every module."""
+    problems = []
+    for module in sorted(modules):
+        base = f"{PREFIX}{module}"
+        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+            a, b = tensors.get(f"{base}.{a_name}"), tensors.get(f"{base}.{b_name}")
+            if a is None and b is None:
+                continue
+            if a is None or b is None:
+                problems.append(f"{module}: has {a_name if a is not None else b_name} but not its partner")
+                continue
+            r = config.rank_and_alpha(module)[0] if hasattr(config, "rank_and_alpha") else raw.get("r")
+            rows, cols = a.shape[0], (b.shape[1] if b.dim() > 1 else None)  # Linear, Conv and Embedding alike
+            if rows != r or cols != r:
+                problems.append(f"{module}: {a_name} has {rows} rows and {b_name} {cols} columns; config says r={r}")
+    return problems
+
+
+def describe(folder: Path) -> dict:
+    raw, tensors, size = _read_files(folder)
+    problems, modules = check(raw, tensors)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    return {
+        "folder": str(folder), "peft_type": raw.get("peft_type"), "task_type": raw.get("task_type"),
+        "base_model": raw.get("base_model_name_or_path"), "target_modules": raw.get("target_modules"),
+        "modules_to_save": raw.get("modules_to_save"),
+        "settings": {k: raw[k] for k in SHOWN_FIELDS if k in raw},
+        "adapted_modules": len(modules), "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()), "dtypes": dtypes, "file_bytes": size,
+        "consistent": not problems, "problems": problems,
+    }
+
+
+@click.command("info")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def info(folder: Path, as_json: bool) -> None:
+    """Show what the adapter in FOLDER is and check that its files agree (exit 1 if not)."""
+    report = describe(folder)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        targets = report["target_modules"]
+        rows = [
+            ["method", str(report["peft_type"])],
+            ["task type", str(report["task_type"])],
+            ["base model", str(report["base_model"])],
+            ["targets", ", ".join(targets) if isinstance(targets, list) else str(targets)],
+            *[[k, json.dumps(v)] for k, v in report["settings"].items()],
+            ["modules to save", ", ".join(report["modules_to_save"] or []) or "-"],
+            ["adapted modules", str(report["adapted_modules"])],
+            ["trainable params", f"{report['parameters']:,} in {report['tensors']} tensors ({', '.join(report['dtypes'])})"],
+            ["file size", human_bytes(report["file_bytes"])],
+            ["consistent", "yes" if report["consistent"] else f"NO ({len(report['problems'])} problems)"],
+        ]
+        click.echo(table(rows))
+        for problem in report["problems"]:
+            click.echo(f"  - {problem}")
+    if report["problems"]:
+        raise CliError(f"{folder}: the adapter files are inconsistent ({report['problems'][0]})",
+                       "re-save the adapter, or check that config and weights come from the same run")

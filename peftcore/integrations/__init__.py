@@ -1,0 +1,4 @@
+"""Integrations with other libraries' training loops; import the submodule you need.
+
+``peftcore.integrations.trainer``: transformers' ``Trainer`` (``PeftTrainer``, ``PeftTrainerMixin``).
+"""

@@ -1,0 +1,137 @@
+"""transformers' ``Trainer`` with peftcore models.
+
+What the stock ``Trainer`` already does right with a :class:`~peftcore.PeftModel`:
+the training and evaluation loops (only adapter parameters require grad), and gradient checkpointing
+(``args.gradient_checkpointing=True`` calls ``PeftModel.gradient_checkpointing_enable``,
+which also makes the input embeddings require grad so adapters inside checkpointed
+blocks of a frozen base get gradients).
+
+What it cannot do (checked in transformers 5.24): ``Trainer._save`` calls
+``save_pretrained`` only on a ``PreTrainedModel`` or a ``peft.PeftModel``; any other
+module is written as its *full* state dict (``model.safetensors``), and resuming reads
+that file back. Those are type checks inside the Trainer, so a callback cannot change
+them (``save_model`` fires no callback event) and a peftcore model cannot pass them
+without pretending to be a class it is not.
+
+So the supported way is a small mixin over four Trainer methods, :class:`PeftTrainerMixin`, and the
+ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
+
+- ``save_model`` and every checkpoint write only the adapter, in PEFT's format
+  (``adapter_config.json`` + ``adapter_model.safetensors``, other adapters in
+  sub-folders), plus the tokenizer and ``training_args.bin`` as usual;
+- ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` load the
+  adapter weights back into the model's existing adapters, strictly (a missing or
+  unexpected tensor is an error, never a silent partial load);
+- column removal keeps every argument the *base* model's ``forward`` takes
+  (``token_type_ids``...), as the Trainer does for ``peft`` models.
+
+Any model that is not a peftcore ``PeftModel`` goes through the Trainer's own code.
+Other trainers built on ``Trainer`` (e.g. TRL's) take the mixin first:
+``class MySFTTrainer(PeftTrainerMixin, SFTTrainer): pass``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from transformers import Trainer
+
+from peftcore import serialization
+from peftcore.peft_model import PeftModel
+from peftcore.plugins import hooks, method_for_config
+
+TRAINING_ARGS_NAME = "training_args.bin"  # what the stock Trainer writes beside the weights
+
+
+def adapter_folder(checkpoint: str | os.PathLike, adapter_name: str) -> str:
+    """Where ``save_pretrained`` puts ``adapter_name`` inside ``checkpoint`` (PEFT's layout)."""
+    return str(checkpoint) if adapter_name == "default" else os.path.join(str(checkpoint), adapter_name)
+
+
+def load_adapter_weights(model: PeftModel, folder: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Copy saved weights into the existing adapter ``adapter_name``; every tensor must match."""
+    config = model.peft_config[adapter_name]
+    weights = serialization.load_weights(folder)
+    missing, unexpected = hooks.load_adapter_state_dict(model=model, config=config, adapter_name=adapter_name, state_dict=weights)
+    if missing or unexpected:
+        raise serialization.AdapterFileError(
+            f"{folder}: adapter {adapter_name!r} does not match the model: "
+            f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+
+
+def _adapter_tensors_from(state_dict: dict[str, torch.Tensor], config, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT's on-disk tensors of one adapter, picked from a full (e.g. gathered) model state dict."""
+    method = method_for_config(config)
+    out = {}
+    for key, tensor in state_dict.items():
+        name = serialization.disk_key(key, adapter_name, config, method)
+        if name is not None:
+            out[name] = tensor
+    return out
+
+
+class PeftTrainerMixin:
+    """Makes a ``Trainer`` save, resume and load-best with adapter files only (see the module docstring)."""
+
+    def _peftcore_model(self) -> PeftModel | None:
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        return model if isinstance(model, PeftModel) else None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self._peftcore_model()
+        if model is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir, is_main_process=True)
+        if state_dict is not None:
+            # DeepSpeed/FSDP hand over a gathered state dict because the live parameters may be
+            # shards: write the adapters from it instead (layer methods name tensors after parameters).
+            for name, config in model.peft_config.items():
+                if method_for_config(config).kind == "layer":
+                    tensors = _adapter_tensors_from(state_dict, config, name)
+                    serialization.save_weights(tensors, adapter_folder(output_dir, name))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        elif getattr(self.data_collator, "tokenizer", None) is not None:
+            self.data_collator.tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_adapters_from(self, checkpoint: str, model: PeftModel) -> None:
+        for name in model.peft_config:
+            folder = adapter_folder(checkpoint, name)
+            if not os.path.isfile(os.path.join(folder, serialization.SAFETENSORS_WEIGHTS_NAME)):
+                raise serialization.AdapterFileError(
+                    f"{folder}: no {serialization.SAFETENSORS_WEIGHTS_NAME} for adapter {name!r}; "
+                    "was this checkpoint written by a Trainer without PeftTrainerMixin?"
+                )
+            load_adapter_weights(model, folder, name)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = model if model is not None else self._peftcore_model()
+        if not isinstance(target, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        self._load_adapters_from(resume_from_checkpoint, target)
+
+    def _load_best_model(self) -> None:
+        model = self._peftcore_model()
+        if model is None:
+            return super()._load_best_model()
+        self._load_adapters_from(self.state.best_model_checkpoint, model)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        model = self._peftcore_model()
+        if self._signature_columns is None and model is not None:
+            names = list(inspect.signature(model.forward).parameters)
+            names += [n for n in inspect.signature(model.get_base_model().forward).parameters if n not in names]
+            self._signature_columns = names + list({"label", "label_ids", *self.label_names})
+        super()._set_signature_columns_if_needed()
+
+
+class PeftTrainer(PeftTrainerMixin, Trainer):
+    """``transformers.Trainer`` that saves and restores peftcore adapters in PEFT's format."""
