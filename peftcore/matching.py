@@ -44,7 +44,7 @@ DEFAULT_ATTENTION_TARGETS: dict[str, list[str]] = {
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
     "mbart": ["q_proj", "v_proj"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value
 }
 
 

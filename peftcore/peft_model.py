@@ -386,11 +386,13 @@ def _model_card(model: PeftModel) -> str:
 
 
 class PeftModelForSequenceClassification(PeftModel):
+    # token_type_ids is named so that transformers' Trainer, which keeps only the dataset
+    # columns the forward signature names, passes BERT-style segment ids through.
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+                output_hidden_states=None, return_dict=None, task_ids=None, token_type_ids=None, **kwargs):
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                                **_drop_none(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                            return_dict=return_dict), **kwargs)
+                                            return_dict=return_dict, token_type_ids=token_type_ids), **kwargs)
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
