@@ -149,3 +149,33 @@ class AdapterLayer(nn.Module):
 def check_finite(tensor: torch.Tensor, adapter_name: str, what: str = "merged weights") -> None:
     if not torch.isfinite(tensor).all():
         raise ValueError(f"NaNs or infs in the {what} after merging adapter {adapter_name!r}; the base layer is left unchanged")
+
+
+def linear_features(base_layer: nn.Module, config, module_name: str = "") -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or transformers ``Conv1D``.
+
+    ``Conv1D`` (GPT-2) stores its weight as (in, out); like PEFT, correct the
+    config's ``fan_in_fan_out`` to match the layer, with a warning.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base_layer, Conv1D):
+        in_features, out_features = base_layer.weight.shape
+        if not config.fan_in_fan_out:
+            warnings.warn(f"{module_name}: Conv1D stores weights as (in, out); setting fan_in_fan_out=True")
+            config.fan_in_fan_out = True
+        return in_features, out_features
+    if config.fan_in_fan_out:
+        warnings.warn(f"{module_name}: nn.Linear stores weights as (out, in); setting fan_in_fan_out=False")
+        config.fan_in_fan_out = False
+    return base_layer.in_features, base_layer.out_features
+
+
+def rows_by_adapter(adapter_names: list[str], batch_size: int) -> dict[str, list[int]]:
+    """Batch rows grouped by the adapter named for each (mixed-adapter batches)."""
+    if len(adapter_names) != batch_size:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(adapter_names):
+        groups.setdefault(name, []).append(row)
+    return groups

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from peftcore.layer import rows_by_adapter
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Keeps ``original_module`` frozen and trains a copy per adapter (PEFT's layout)."""
@@ -69,13 +71,8 @@ class ModulesToSaveWrapper(nn.Module):
         return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
 
     def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
-        rows_by_adapter: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter_names):
-            rows_by_adapter.setdefault(name, []).append(row)
         outputs = []
-        for name, rows in rows_by_adapter.items():
+        for name, rows in rows_by_adapter(adapter_names, x.shape[0]).items():
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             outputs.append((rows, module(x[rows], *args, **kwargs)))
         first = outputs[0][1]

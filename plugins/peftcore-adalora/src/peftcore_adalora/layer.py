@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore import AdapterLayer
-from peftcore.layer import check_finite
+from peftcore.layer import check_finite, linear_features, rows_by_adapter
 
 BASE_ADAPTER = "__base__"
 RANKNUM_EPS = 1e-5
@@ -150,13 +150,9 @@ class AdaLoraLayer(AdapterLayer):
         return result
 
     def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
+        groups = rows_by_adapter(adapter_names, x.shape[0])
         result = self.base_layer(x, *args, **kwargs)
-        rows_by_adapter: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter_names):
-            rows_by_adapter.setdefault(name, []).append(row)
-        for name, rows in rows_by_adapter.items():
+        for name, rows in groups.items():
             if name == BASE_ADAPTER or name not in self.lora_A:
                 continue
             result[rows] = result[rows] + self.adapter_output(name, x[rows]).to(result.dtype)
@@ -167,18 +163,7 @@ class SVDLinear(AdaLoraLayer):
     """AdaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (weights stored transposed)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = ""):
-        from transformers.pytorch_utils import Conv1D
-
-        if isinstance(base_layer, Conv1D):
-            in_features, out_features = base_layer.weight.shape
-            if not config.fan_in_fan_out:
-                warnings.warn(f"{module_name}: Conv1D stores weights as (in, out); setting fan_in_fan_out=True")
-                config.fan_in_fan_out = True
-        else:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
-            if config.fan_in_fan_out:
-                warnings.warn(f"{module_name}: nn.Linear stores weights as (out, in); setting fan_in_fan_out=False")
-                config.fan_in_fan_out = False
+        in_features, out_features = linear_features(base_layer, config, module_name)
         super().__init__(base_layer, in_features, out_features, module_name)
         self.fan_in_fan_out = config.fan_in_fan_out
         self.update_layer(adapter_name, config, module_name)

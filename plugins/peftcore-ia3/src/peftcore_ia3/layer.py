@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from peftcore import AdapterLayer
-from peftcore.layer import check_finite
+from peftcore.layer import check_finite, linear_features
 
 BASE_ADAPTER = "__base__"
 # PEFT divides by (l + 1e-8) when unmerging. The epsilon alone puts the restored weight off
@@ -164,21 +164,10 @@ class Linear(IA3Layer):
     """(IA)^3 for ``nn.Linear`` and transformers' ``Conv1D`` (weights stored transposed)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = ""):
-        from transformers.pytorch_utils import Conv1D
-
-        if isinstance(base_layer, Conv1D):
-            in_features, out_features = base_layer.weight.shape
-            if not config.fan_in_fan_out:
-                warnings.warn(f"{module_name}: Conv1D stores weights as (in, out); setting fan_in_fan_out=True")
-                config.fan_in_fan_out = True
-        else:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
-            if config.fan_in_fan_out:
-                warnings.warn(f"{module_name}: nn.Linear stores weights as (out, in); setting fan_in_fan_out=False")
-                config.fan_in_fan_out = False
+        in_features, out_features = linear_features(base_layer, config, module_name)
         super().__init__(base_layer, in_features, out_features, config.is_feedforward(module_name), module_name)
         self.fan_in_fan_out = config.fan_in_fan_out
-        self.is_target_conv_1d_layer = isinstance(base_layer, Conv1D)
+        self.is_target_conv_1d_layer = config.fan_in_fan_out
         self.update_layer(adapter_name, config, module_name)
 
     def vector_shape(self) -> tuple[int, ...]:

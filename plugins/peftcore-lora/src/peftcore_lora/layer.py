@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore import AdapterLayer
-from peftcore.layer import check_finite
+from peftcore.layer import check_finite, linear_features, rows_by_adapter
 
 from peftcore_lora import fast
 from peftcore_lora import init as lora_init
@@ -167,19 +167,15 @@ class LoraLayer(AdapterLayer):
         raise NotImplementedError
 
     def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
-        if any(self.use_dora.get(n) for n in set(adapter_names)):
+        groups = rows_by_adapter(adapter_names, x.shape[0])
+        if any(self.use_dora.get(n) for n in groups):
             raise ValueError("Mixed-adapter batches are not supported with DoRA adapters")
         result = self.base_layer(x, *args, **kwargs)
         if not args and not kwargs and fast.applies_to(self):
             grouped = fast.mixed_batch_delta(self, x, adapter_names, result)  # None: leaves result untouched
             if grouped is not None:
                 return grouped
-        rows_by_adapter: dict[str, list[int]] = {}
-        for row, name in enumerate(adapter_names):
-            rows_by_adapter.setdefault(name, []).append(row)
-        for name, rows in rows_by_adapter.items():
+        for name, rows in groups.items():
             if name == BASE_ADAPTER or name not in self.r:
                 continue
             sub = x[rows]
@@ -191,18 +187,7 @@ class Linear(LoraLayer):
     """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (weights stored transposed)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = ""):
-        from transformers.pytorch_utils import Conv1D
-
-        if isinstance(base_layer, Conv1D):
-            in_features, out_features = base_layer.weight.shape
-            if not config.fan_in_fan_out:
-                warnings.warn(f"{module_name}: Conv1D stores weights as (in, out); setting fan_in_fan_out=True")
-                config.fan_in_fan_out = True
-        else:
-            in_features, out_features = base_layer.in_features, base_layer.out_features
-            if config.fan_in_fan_out:
-                warnings.warn(f"{module_name}: nn.Linear stores weights as (out, in); setting fan_in_fan_out=False")
-                config.fan_in_fan_out = False
+        in_features, out_features = linear_features(base_layer, config, module_name)
         super().__init__(base_layer, in_features, out_features)
         self.fan_in_fan_out = config.fan_in_fan_out
         self._module_name = module_name
