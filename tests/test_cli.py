@@ -257,6 +257,19 @@ def test_apply_trains_a_classifier_from_csv_and_saves_a_peft_adapter(bert, tmp_p
         torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
 
 
+def test_apply_adalora_is_told_the_run_length_and_allocates_ranks(bert, tmp_path):
+    data = _spam_csv(tmp_path / "spam.csv")
+    out = tmp_path / "adalora"
+    result = run("apply", "adalora", "--model", bert, "--dataset", data, "--out", out, "--init-r", "6", "--target-r", "2",
+                 "--tinit", "1", "--tfinal", "1", "--deltaT", "1", "--epochs", "2", "--batch-size", "8", "--n-test", "8",
+                 "--lr", "1e-2", "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["total_step"] == 2 * 40 // 8  # two epochs of 40 training rows in batches of 8
+    ranks = [sum(v) if isinstance(v, list) else v for v in config["rank_pattern"].values()]
+    assert len(ranks) == 2 * 2 and sum(ranks) == 2 * len(ranks)  # query+value in 2 layers, target_r each on average
+
+
 def test_apply_without_dataset_attaches_and_saves_untrained(bert, tmp_path):
     result = run("apply", "lora", "--model", bert, "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output

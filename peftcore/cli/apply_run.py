@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -118,18 +119,31 @@ def _sizes(request: ApplyRequest, dataset_spec: str, total: int, task_type: str)
     return data.split_sizes(total, request.n_train, request.n_test)
 
 
-def _make_config(request: ApplyRequest):
+# A method whose schedule spans the whole run (AdaLoRA's rank budget) takes the run's length
+# in this config field. The CLI knows it only once the data is split: until then a provisional
+# value lets the other options be checked early; _attach fills in the real one.
+RUN_LENGTH_FIELD = "total_step"
+PROVISIONAL_RUN_LENGTH = 1000
+
+
+def _make_config(request: ApplyRequest, run_steps: int | None = None):
+    kwargs = dict(request.config_kwargs)
+    fields = {f.name for f in dataclasses.fields(request.method.config_class)}
+    if RUN_LENGTH_FIELD in fields and kwargs.get(RUN_LENGTH_FIELD) is None:
+        kwargs[RUN_LENGTH_FIELD] = run_steps or PROVISIONAL_RUN_LENGTH
     try:
-        return request.method.config_class(**request.config_kwargs)
+        return request.method.config_class(**kwargs)
     except (ValueError, TypeError) as exc:
         name = request.method.config_class.__name__
         raise CliError(str(exc) if str(exc).startswith(name) else f"{name}: {exc}",
                        f"check the method options: peftcore apply {request.method.name} --help") from None
 
 
-def _attach(request: ApplyRequest, config, base, results: Results):
+def _attach(request: ApplyRequest, config, base, results: Results, run_steps: int | None = None):
     from peftcore import get_peft_model
 
+    if run_steps and request.config_kwargs.get(RUN_LENGTH_FIELD) is None and hasattr(config, RUN_LENGTH_FIELD):
+        config = _make_config(request, run_steps)
     peft_model = get_peft_model(base, config).to(request.device)
     if request.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable()
@@ -169,7 +183,8 @@ def _classification(request, config, model_path, dataset_spec, settings, out, re
                                  id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
 
     status(f"model: {model_path}")
-    peft_model = _attach(request, config, load_base(), results)
+    run_steps = train.total_steps(len(train_set), settings) if train_set is not None else None
+    peft_model = _attach(request, config, load_base(), results, run_steps)
     pad = train.pad_id(tokenizer)
     probe = train.classification_examples(tokenizer, test_set or _probe_set(), settings.max_length)
     if train_set is not None:
@@ -208,7 +223,8 @@ def _causal_lm(request, config, model_path, dataset_spec, settings, out, results
         return models.load_model(model_path, CAUSAL_LM)
 
     status(f"model: {model_path}")
-    peft_model = _attach(request, config, load_base(), results)
+    run_steps = train.total_steps(len(train_set), settings) if train_set is not None else None
+    peft_model = _attach(request, config, load_base(), results, run_steps)
     sample_prompt = probe_set.prompts[0] or probe_set.completions[0][:40]
     results.facts["sample_prompt"] = sample_prompt
     if train_set is not None:
