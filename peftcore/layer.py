@@ -116,6 +116,9 @@ class AdapterLayer(nn.Module):
             holder = getattr(self, attr)
             if adapter_name in holder:
                 item = holder[adapter_name]
+                tensors = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                if all(t.device == ref.device and (t.dtype == ref.dtype or not ref.is_floating_point()) for t in tensors):
+                    continue  # already in place: Module.to would only cost time (attaching hundreds of layers)
                 if ref.is_floating_point():
                     holder[adapter_name] = item.to(ref.device, dtype=ref.dtype) if isinstance(item, nn.Parameter) else item.to(ref.device, ref.dtype)
                 else:  # quantised base weights: keep adapters in their own float dtype

@@ -18,7 +18,7 @@ from peftcore.model_adapter import saved_module_wrappers, unwrap_modules_to_save
 from peftcore.modules_to_save import ModulesToSaveWrapper
 from peftcore.plugins import hooks, method_for_config
 from peftcore.training import enable_input_grads
-from peftcore.tuner import AdapterModel
+from peftcore.tuner import AdapterModel, walk_modules
 
 BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
 
@@ -259,7 +259,8 @@ class PeftModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
-        layers = [m for m in self.get_base_model().modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+        # walk_modules skips the per-adapter sub-modules: this runs on every mixed-batch call
+        layers = [m for _, m in walk_modules(self.get_base_model()) if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
         if any(isinstance(m, AdapterLayer) and m.merged for m in layers):
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
 

@@ -208,9 +208,51 @@ def default_adapter_state_dict(model, config: PeftConfig, adapter_name: str) -> 
     return out
 
 
+def adapter_view_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``model.state_dict(keep_vars=True)`` without the other adapters' per-adapter entries.
+
+    Adapter layers keep one entry per adapter in their holders (``lora_A[name]``...) and
+    ``modules_to_save`` one copy per adapter; skipping the other adapters' entries keeps
+    loading an adapter as fast with 16 adapters in the model as with one.
+    """
+    from peftcore.layer import AdapterLayer
+    from peftcore.modules_to_save import ModulesToSaveWrapper
+
+    out: dict[str, torch.Tensor] = {}
+
+    class Hooked(Exception):
+        pass
+
+    def visit(module, prefix: str, only: str | None) -> None:
+        if module._state_dict_hooks or module._state_dict_pre_hooks:
+            raise Hooked  # hooks may rename keys (FSDP does): only state_dict() itself is right then
+        for name, param in module._parameters.items():
+            if param is not None and (only is None or name == only):
+                out[prefix + name] = param
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set and (only is None or name == only):
+                out[prefix + name] = buf
+        if isinstance(module, AdapterLayer):
+            per_adapter = set(module.adapter_layer_names) | set(module.other_param_names)
+        elif isinstance(module, ModulesToSaveWrapper):
+            per_adapter = {"modules_to_save"}
+        else:
+            per_adapter = ()
+        for name, child in module._modules.items():
+            if child is None or (only is not None and name != only):
+                continue
+            visit(child, f"{prefix}{name}.", adapter_name if name in per_adapter else None)
+
+    try:
+        visit(model, "", None)
+    except Hooked:
+        return model.state_dict(keep_vars=True)
+    return out
+
+
 def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]):
     method = method_for_config(config)
-    own = model.state_dict(keep_vars=True)
+    own = adapter_view_state_dict(model, adapter_name)
     by_disk_name = {}
     for key in own:
         name = disk_key(key, adapter_name, config, method)

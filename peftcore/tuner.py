@@ -215,13 +215,13 @@ class AdapterModel(nn.Module):
                 self._unmerge_layer(layer)
             attrs = layer.adapter_layer_names + layer.other_param_names
             present = [n for n in active if any(n in (getattr(layer, attr, None) or ()) for attr in attrs)]
-            if new_adapter is None or new_adapter in present or layer.active_adapters != present:
+            if new_adapter is None or layer.active_adapters != present:
                 layer.set_adapter(active)
                 continue
-            for attr in layer.adapter_layer_names:
+            for attr in layer.adapter_layer_names:  # the others' flags stand; only the newcomer's are set
                 holder = getattr(layer, attr, None)
                 if holder is not None and new_adapter in holder:
-                    holder[new_adapter].requires_grad_(False)
+                    holder[new_adapter].requires_grad_(new_adapter in present)
         for wrapper in saved:
             wrapper.set_adapter(self._first_active())
 

@@ -139,3 +139,52 @@ def test_load_adapter_into_a_model_with_many_adapters_costs_the_same(tmp_path):
         if i in (0, 11):
             counts.append(calls)
     assert counts[1] <= counts[0] * 1.02, counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapter_weights_are_written_once_and_well_formed(arch):
+    """Built on the meta device: every value must still come from an initialiser, never from empty memory."""
+    base, _ = tiny_model(arch)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_bias=True, fan_in_fan_out=arch == "gpt2"))
+    for name, layer in model.base_model.adapter_layers():
+        a = layer.lora_A["default"].weight
+        b, b_bias = layer.lora_B["default"].weight, layer.lora_B["default"].bias
+        bound = 1 / a.shape[1] ** 0.5  # kaiming_uniform_(a=sqrt(5)) on (r, in)
+        assert torch.isfinite(a).all() and a.abs().max() <= bound and a.abs().max() > bound / 4, name
+        assert torch.equal(b, torch.zeros_like(b)) and torch.equal(b_bias, torch.zeros_like(b_bias)), name
+
+
+def test_init_false_still_matches_peft_seed_for_seed():
+    """init_lora_weights=False keeps the modules' own init (random B), drawn in PEFT's order."""
+    peft = pytest.importorskip("peft")
+    base, _ = tiny_model("llama")
+    other = copy.deepcopy(base)
+    torch.manual_seed(3)
+    ours = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(other, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert set(mine) == set(reference)
+    for key in reference:
+        assert torch.equal(mine[key], reference[key]), key
+    assert any("lora_B" in k and mine[k].abs().sum() > 0 for k in mine)
+
+
+def test_gaussian_init_draws_a_from_n_0_1_over_r():
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(400, 300)), LoraConfig(r=8, target_modules=["0"], init_lora_weights="gaussian"))
+    a = model.base_model.model[0].lora_A["default"].weight
+    assert abs(a.std().item() - 1 / 8) < 0.01 and abs(a.mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bare_linear_has_nn_linears_layout(bias):
+    """Guards _bare_linear against torch adding state to nn.Linear.__init__."""
+    from peftcore_lora.layer import _bare_linear
+
+    bare, real = _bare_linear(7, 3, bias=bias), torch.nn.Linear(7, 3, bias=bias)
+    assert type(bare) is torch.nn.Linear
+    assert set(vars(bare)) == set(vars(real))
+    assert {k: v is None for k, v in bare._parameters.items()} == {k: v is None for k, v in real._parameters.items()}
+    assert bare.weight.shape == real.weight.shape and bare.weight.dtype == real.weight.dtype
+    assert repr(bare) == repr(real)

@@ -355,3 +355,15 @@ def test_double_backward_is_refused_clearly(monkeypatch):
     (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable|twice|double"):
         grad.sum().backward()
+
+
+def test_autocast_takes_the_plain_path(monkeypatch, counting):
+    model = _build({}, (8, 16, 4), conv1d=False)
+    x = torch.randn(3, 8)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PEFTCORE_LORA_FAST", flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(model(x))
+    assert counting["fused"] == 0
+    assert outs[0].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])

@@ -95,8 +95,10 @@ def test_grouped_equals_the_plain_loop_with_lora_bias_and_gpt2(monkeypatch, grou
     torch.testing.assert_close(grouped, plain, **TOL)
 
 
-def test_layer_level_against_float64_formula():
-    """One Linear, three adapters of different rank, rows of 2-D and 3-D inputs."""
+@pytest.mark.parametrize("names", [["y", "x", "__base__", "z", "y"], ["y", "x", "y", "z", "y"], ["y"] * 5],
+                         ids=["with_base_row", "all_rows_in_place", "one_adapter_in_place"])
+def test_layer_level_against_float64_formula(names):
+    """One Linear, three adapters of different rank (one with lora_bias), rows of 2-D and 3-D inputs."""
     torch.manual_seed(0)
     layer = nn.Linear(7, 5)
     model = get_peft_model(nn.Sequential(copy.deepcopy(layer)), LoraConfig(r=2, lora_alpha=5, target_modules=["0"]), adapter_name="x")
@@ -107,7 +109,6 @@ def test_layer_level_against_float64_formula():
     wrapped = model.base_model.model[0]
     for shape in [(5, 7), (5, 3, 7)]:
         x = torch.randn(*shape)
-        names = ["y", "x", "__base__", "z", "y"]
         with torch.no_grad():
             out = wrapped(x, adapter_names=names)
         for row, name in enumerate(names):

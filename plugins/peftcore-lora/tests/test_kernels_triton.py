@@ -199,3 +199,26 @@ def test_lora_works_without_triton_installed(tmp_path):
                           env={**__import__("os").environ, "PEFTCORE_LORA_TRITON": "1", "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def test_compiled_kernels_are_autotuned_over_their_own_arguments(monkeypatch):
+    """No GPU here: build the compiled (not interpreted) kernels and check what the autotuner sees."""
+    from peftcore_lora.kernels import triton_lora
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    shrink, expand = triton_lora.build(False)
+    for tuned, keys in ((shrink, ["K", "R", "T_BUCKET"]), (expand, ["N", "K", "R", "T_BUCKET"])):
+        assert tuned.keys == keys and set(keys) <= set(tuned.arg_names)
+        assert len(tuned.configs) >= 4
+        for config in tuned.configs:
+            assert set(config.kwargs) <= set(tuned.arg_names)
+            assert all(v >= 16 for v in config.kwargs.values())  # tl.dot needs tiles of at least 16
+
+
+def test_ranks_above_one_tile_use_the_pytorch_path():
+    from peftcore_lora.kernels.triton_lora import MAX_RANK
+
+    r = MAX_RANK + 1
+    ad = _Adapter(_rand(r, 8), _rand(6, r), None, 1.0, 0.0)
+    assert kernels.fused_lora_linear(_rand(4, 8), _rand(6, 8), None, False, [ad]) is None
+    assert kernels.segmented_lora(_rand(2, 3, 8), [ad.A], [ad.B], [None], [1.0], [0, 0]) is None

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module_globals
@@ -111,7 +110,7 @@ def _active_adapters(layer, x: torch.Tensor) -> list[_Adapter] | None:
         A, B, bias = lora_A.weight, lora_B.weight, lora_B.bias
         if not (_plain_tensor(A) and _plain_tensor(B) and _plain_tensor(bias)):
             return None
-        if A.dtype != x.dtype or B.dtype != x.dtype or A.device != x.device or B.device != x.device:
+        if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (A, B, bias)):
             return None
         adapters.append(_Adapter(A, B, bias, float(layer.scaling[name]), float(p)))
     return adapters
@@ -136,10 +135,11 @@ def _input_ok(x) -> bool:
     return type(x) is torch.Tensor and x.dtype in _FLOAT_TYPES and x.dim() >= 1
 
 
-def _fast_context_ok() -> bool:
+def _fast_context_ok(x: torch.Tensor) -> bool:
     if not enabled() or _global_hooks() or _compiling():
         return False
-    return not torch.is_autocast_enabled()
+    # under autocast the plain path's F.linear casts; in-place accumulation would not
+    return not torch.is_autocast_enabled(x.device.type)
 
 
 # -- the fused base + LoRA linear --------------------------------------------------
@@ -182,6 +182,11 @@ def _lora_forward_into(y, x2d, adapters: list[_Adapter], keep: bool):
             xas.append(xa)
             masks.append(mask)
     return xas, masks
+
+
+def _scaled_mm(a, b, scale: float):
+    """``scale * (a @ b)`` with the scaling inside the GEMM (beta=0 ignores the input)."""
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -232,13 +237,13 @@ class FusedLoraLinear(torch.autograd.Function):
             want_a, want_b, want_bias = needs[6 + 3 * i], needs[7 + 3 * i], needs[8 + 3 * i]
             g = None
             if want_a or needs[0]:
-                g = torch.mm(dy, B).mul_(s)  # gradient w.r.t. dropout(x) A.T, (N, r)
+                g = _scaled_mm(dy, B, s)  # gradient w.r.t. dropout(x) A.T, (N, r)
             dA = dB = dbias = None
             if want_a:
                 xd = x2d if mask is None else torch.ops.aten.native_dropout_backward(x2d, mask, 1.0 / (1.0 - p))
                 dA = torch.mm(g.t(), xd)
             if want_b:
-                dB = torch.mm(dy.t(), xa).mul_(s)
+                dB = _scaled_mm(dy.t(), xa, s)
             if want_bias and bias is not None:
                 dbias = dy.sum(0).mul_(s)
             if needs[0]:
@@ -252,7 +257,7 @@ class FusedLoraLinear(torch.autograd.Function):
 
 def linear_forward(layer, x: torch.Tensor):
     """Base + every active adapter of a LoRA ``Linear`` in one pass, or None (use the plain path)."""
-    if not _fast_context_ok() or not _input_ok(x):
+    if not _input_ok(x) or not _fast_context_ok(x):
         return None
     base = _base_tensors(layer, x)
     if base is None:
@@ -313,7 +318,7 @@ def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: 
     in the plain path. Ranks may differ: A and B are zero-padded to the largest rank,
     which adds exact zeros.
     """
-    if not _fast_context_ok() or not _input_ok(x) or type(result) is not torch.Tensor or x.dim() < 2:
+    if not _input_ok(x) or not _fast_context_ok(x) or type(result) is not torch.Tensor or x.dim() < 2:
         return None
     if result.dtype != x.dtype or result.shape[0] != x.shape[0]:
         return None
@@ -332,7 +337,7 @@ def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: 
         A, B = lora_A.weight, lora_B.weight
         if not (_plain_tensor(A) and _plain_tensor(B) and _plain_tensor(lora_B.bias)):
             return None
-        if A.dtype != x.dtype or B.dtype != x.dtype or A.device != x.device:
+        if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (A, B, lora_B.bias)):
             return None
         As.append(A)
         Bs.append(B)
@@ -345,7 +350,9 @@ def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: 
     index = {name: i for i, name in enumerate(names)}
     row_adapter = [index.get(n, -1) for n in adapter_names]
     rows = [i for i, a in enumerate(row_adapter) if a >= 0]
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in As + Bs))
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or result.requires_grad or any(t is not None and t.requires_grad for t in As + Bs + biases)
+    )
 
     x3 = x.reshape(x.shape[0], -1, in_features)
     if len(rows) != len(row_adapter):
@@ -356,34 +363,55 @@ def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: 
     from peftcore_lora import kernels
 
     delta = kernels.segmented_lora(x3, As, Bs, biases, scalings, picks) if kernels.usable(x3) and not grad else None
+    all_rows = len(rows) == len(row_adapter)
     if delta is None:
+        if all_rows and not grad and result.is_contiguous():
+            # accumulate straight into the base output: no (rows, T, out) temporary, no extra pass
+            _grouped_delta(x3, As, Bs, biases, scalings, picks, out=result.view(x3.shape[0], x3.shape[1], -1))
+            return result
         delta = _grouped_delta(x3, As, Bs, biases, scalings, picks)
     delta = delta.view(len(rows), *result.shape[1:])
-    if len(rows) == len(row_adapter):
+    if all_rows:
         return result + delta if grad else result.add_(delta)
     return result.index_add(0, rows_t, delta) if grad else result.index_add_(0, rows_t, delta)
 
 
-def _grouped_delta(x3, As, Bs, biases, scalings, picks: list[int]) -> torch.Tensor:
-    """``s_k * (x_b A_k.T) B_k.T (+ s_k bias_k)`` for every row b with adapter k = picks[b]."""
+def _grouped_delta(x3, As, Bs, biases, scalings, picks: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s_k * (x_b A_k.T) B_k.T (+ s_k bias_k)`` for every row b with adapter k = picks[b].
+
+    With ``out`` (no autograd) the products are added into it in place.
+    """
     r_max = max(A.shape[0] for A in As)
     device = x3.device
+    has_bias = any(b is not None for b in biases)
     if len(As) == 1:
         # one adapter: a single (rows*T, in) GEMM pair beats per-row bmm
         flat = x3.reshape(-1, x3.shape[-1])
         xa = torch.mm(flat, As[0].t())
-        delta = torch.mm(xa, Bs[0].t()).mul_(scalings[0]) if not xa.requires_grad else torch.mm(xa, Bs[0].t()) * scalings[0]
-        if biases[0] is not None:
+        if out is not None:
+            out2d = out.view(-1, out.shape[-1])
+            out2d.addmm_(xa, Bs[0].t(), alpha=scalings[0])
+            if has_bias:
+                out2d.add_(biases[0], alpha=scalings[0])
+            return out
+        delta = torch.mm(xa, Bs[0].t()) * scalings[0]
+        if has_bias:
             delta = delta + biases[0] * scalings[0]
         return delta.view(*x3.shape[:2], -1)
-    idx = torch.tensor(picks, device=device)
-    A_rows = _stack_padded(As, 0, r_max).index_select(0, idx)  # (rows, r, in)
-    B_rows = _stack_padded(Bs, 1, r_max).index_select(0, idx)  # (rows, out, r)
-    scale = torch.tensor(scalings, dtype=x3.dtype, device=device).index_select(0, idx).view(-1, 1, 1)
-    xa = torch.bmm(x3, A_rows.transpose(1, 2)) * scale
-    delta = torch.bmm(xa, B_rows.transpose(1, 2))
-    if any(b is not None for b in biases):
+    # one gather per factor, straight into per-row stacks (no stack-then-index double copy)
+    A_rows = _stack_padded([As[k] for k in picks], 0, r_max)  # (rows, r, in)
+    B_rows = _stack_padded([Bs[k] for k in picks], 1, r_max)  # (rows, out, r)
+    scale = torch.tensor([scalings[k] for k in picks], dtype=x3.dtype, device=device).view(-1, 1, 1)
+    xa = torch.bmm(x3, A_rows.transpose(1, 2)).mul_(scale) if out is not None else torch.bmm(x3, A_rows.transpose(1, 2)) * scale
+    if has_bias:
         zero = torch.zeros(Bs[0].shape[0], dtype=x3.dtype, device=device)
-        bias_rows = torch.stack([b if b is not None else zero for b in biases]).index_select(0, idx)
-        delta = delta + (bias_rows * scale.view(-1, 1)).unsqueeze(1)
+        bias_rows = (torch.stack([biases[k] if biases[k] is not None else zero for k in picks]) * scale.view(-1, 1)).unsqueeze(1)
+    if out is not None:
+        out.baddbmm_(xa, B_rows.transpose(1, 2))
+        if has_bias:
+            out.add_(bias_rows)
+        return out
+    delta = torch.bmm(xa, B_rows.transpose(1, 2))
+    if has_bias:
+        delta = delta + bias_rows
     return delta

@@ -23,6 +23,31 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
+def _uninitialised(module_class, *args, **kwargs) -> nn.Module:
+    """The module with allocated but unwritten weights; ``LoraLayer.initialize`` writes each value once.
+
+    This skips the constructor's random init, which the LoRA init would overwrite (two
+    of the three random draws PEFT makes per adapter; most of the time of attaching).
+    Seeded runs therefore draw a different A than peft does, from the same distribution.
+    """
+    if module_class is nn.Linear:
+        return _bare_linear(*args, **kwargs)
+    return module_class(*args, device="meta", **kwargs).to_empty(device=torch.get_default_device())
+
+
+def _bare_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """``nn.Linear(in_features, out_features, bias)`` minus ``reset_parameters`` (4x faster than meta + to_empty)."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = in_features, out_features
+    linear.weight = nn.Parameter(torch.empty((out_features, in_features)))
+    if bias:
+        linear.bias = nn.Parameter(torch.empty(out_features))
+    else:
+        linear.register_parameter("bias", None)
+    return linear
+
+
 class LoraLayer(AdapterLayer):
     """Per-adapter state shared by every LoRA wrapper."""
 
@@ -88,11 +113,14 @@ class LoraLayer(AdapterLayer):
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
     def initialize(self, adapter_name: str, init: bool | str) -> None:
-        if init is False:
-            return
         if init is True or init == "gaussian":
-            lora_init.reset_lora_parameters(self, adapter_name, init)
-        elif init == "pissa":
+            lora_init.reset_lora_parameters(self, adapter_name, init)  # writes every value of A, B and B's bias
+            return
+        # the other inits start from the modules' default initialisation, as PEFT's do
+        for holder in (self.lora_A, self.lora_B):
+            if adapter_name in holder:
+                holder[adapter_name].reset_parameters()
+        if init == "pissa":
             lora_init.pissa_init(self, adapter_name)
         elif init == "olora":
             lora_init.olora_init(self, adapter_name)
@@ -194,8 +222,8 @@ class Linear(LoraLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+        self.lora_A[adapter_name] = _uninitialised(nn.Linear, self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = _uninitialised(nn.Linear, r, self.out_features, bias=lora_bias)
 
     def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:
         return DoraLinearLayer(fan_in_fan_out=fan_in_fan_out)
@@ -278,8 +306,8 @@ class Conv2d(LoraLayer):
 
     def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
-        self.lora_A[adapter_name] = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
-        self.lora_B[adapter_name] = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
+        self.lora_A[adapter_name] = _uninitialised(nn.Conv2d, self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[adapter_name] = _uninitialised(nn.Conv2d, r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
 
     def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:
         return DoraConv2dLayer(fan_in_fan_out=False)

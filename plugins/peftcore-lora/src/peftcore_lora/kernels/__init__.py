@@ -119,7 +119,9 @@ class TritonLoraLinear(torch.autograd.Function):
 
 def fused_lora_linear(x2d, weight, bias, fan_in_fan_out: bool, adapters):
     """The Triton path for one active adapter; None (use PyTorch) otherwise or on failure."""
-    if len(adapters) != 1 or not x2d.is_contiguous():
+    from peftcore_lora.kernels.triton_lora import MAX_RANK
+
+    if len(adapters) != 1 or not x2d.is_contiguous() or adapters[0].A.shape[0] > MAX_RANK:
         return None
     ad = adapters[0]
     try:
@@ -134,6 +136,10 @@ def segmented_lora(x3, As, Bs, biases, scalings, picks):
     from peftcore_lora.fast import _stack_padded
     from peftcore_lora.kernels import triton_lora as tk
 
+    from peftcore_lora.kernels.triton_lora import MAX_RANK
+
+    if max(A.shape[0] for A in As) > MAX_RANK:
+        return None
     try:
         r_max = max(A.shape[0] for A in As)
         A_st = _stack_padded(As, 0, r_max)  # (K, r, in)

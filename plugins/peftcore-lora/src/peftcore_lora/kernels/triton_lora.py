@@ -30,7 +30,7 @@ import triton.language as tl
 
 def _shrink_kernel(
     X, A, IDX, XA,
-    T, K, R,
+    T, K, R, T_BUCKET,
     s_xb, s_xt, s_xk,
     s_aa, s_ak, s_ar,
     s_ob, s_ot, s_or,
@@ -62,7 +62,7 @@ def _shrink_kernel(
 
 def _expand_kernel(
     X, W, BIAS, XA, B, LBIAS, SCALE, IDX, RES, OUT,
-    T, N, K, R,
+    T, N, K, R, T_BUCKET,
     s_xb, s_xt, s_xk,
     s_wk, s_wn,
     s_ab, s_at, s_ar,
@@ -115,10 +115,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+MAX_RANK = 128  # one BLOCK_R tile holds every rank; larger ranks take the PyTorch path
+
+# (BLOCK_M, BLOCK_K, warps, stages) / (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual
+# Hopper/Ampere GEMM tiles; the autotuner picks per (problem size, token bucket).
+_SHRINK_CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3)]
+_EXPAND_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 3)]
+_INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # its cost grows with the tile volume
+
+
 @functools.cache
 def build(interpret: bool):
-    """The jitted kernels; cached per mode because triton picks the interpreter at decoration."""
-    return triton.jit(_shrink_kernel), triton.jit(_expand_kernel)
+    """The jitted kernels; cached per mode because triton picks the interpreter at decoration.
+
+    Compiled kernels are autotuned (the expand kernel does the base GEMM, so its tiles
+    matter); the kernels only write ``OUT``/``XA``, so the autotuner may rerun them.
+    """
+    shrink_k, expand_k = triton.jit(_shrink_kernel), triton.jit(_expand_kernel)
+    if interpret:
+        return shrink_k, expand_k
+    shrink_configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, k, w, st in _SHRINK_CONFIGS]
+    expand_configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, n, k, w, st in _EXPAND_CONFIGS
+    ]
+    return (
+        triton.autotune(shrink_configs, key=["K", "R", "T_BUCKET"])(shrink_k),
+        triton.autotune(expand_configs, key=["N", "K", "R", "T_BUCKET"])(expand_k),
+    )
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -133,13 +156,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _upcast(dtype: torch.dtype) -> bool:
     # the interpreter computes bf16 wrongly; fp32 accumulation after an upcast is exact enough
-    return interpreting() or dtype == torch.float64
+    return interpreting()
 
 
-def _tiles(interpret: bool):
-    if interpret:  # the interpreter's cost grows with the tile volume; small tiles keep tests fast
-        return 16, 16, 16, 1, 1
-    return 64, 64, 32, 4, 3
+def _bucket(t: int) -> int:
+    return triton.next_power_of_2(max(int(t), 1))
 
 
 def shrink(x3: torch.Tensor, A: torch.Tensor, idx: torch.Tensor | None, transpose_a: bool) -> torch.Tensor:
@@ -154,18 +175,17 @@ def shrink(x3: torch.Tensor, A: torch.Tensor, idx: torch.Tensor | None, transpos
     R = A3.shape[2] if transpose_a else A3.shape[1]
     s_ak, s_ar = (A3.stride(1), A3.stride(2)) if transpose_a else (A3.stride(2), A3.stride(1))
     out = torch.empty((segs, T, R), device=x3.device, dtype=torch.float32)
-    bm, _, bk, warps, stages = _tiles(interpreting())
-    block_r = _block(R, 16, 128)
-    grid = (triton.cdiv(T, bm), segs)
-    kwargs = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
+    block_r = _block(R, 16, MAX_RANK)
+    tiles = {k: v for k, v in _INTERPRETER_TILES.items() if k != "BLOCK_N"} if interpreting() else {}
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), segs)  # noqa: E731
     shrink_k[grid](
         x3, A3, idx if idx is not None else out, out,
-        T, K, R,
+        T, K, R, _bucket(T),
         x3.stride(0), x3.stride(1), x3.stride(2),
         A3.stride(0), s_ak, s_ar,
         out.stride(0), out.stride(1), out.stride(2),
         SEGMENTED=idx is not None, UPCAST=_upcast(x3.dtype), PRECISION=_precision(x3.dtype),
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, **kwargs,
+        BLOCK_R=block_r, **tiles,
     )
     return out
 
@@ -189,9 +209,9 @@ def expand(
     out = torch.empty((segs, T, N), device=xa.device, dtype=dtype)
     K = x3.shape[2] if x3 is not None else 0
     lb = None if lbias is None else (lbias if lbias.dim() == 2 else lbias.unsqueeze(0))
-    bm, bn, bk, warps, stages = _tiles(interpreting())
-    block_r = _block(R, 16, 128)
-    grid = (triton.cdiv(T, bm), segs, triton.cdiv(N, bn))
+    block_r = _block(R, 16, MAX_RANK)
+    tiles = dict(_INTERPRETER_TILES) if interpreting() else {}
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), segs, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     dummy = out
     xs = x3.stride() if x3 is not None else (0, 0, 0)
     rs = res.stride() if res is not None else (0, 0, 0)
@@ -200,7 +220,7 @@ def expand(
         x3 if x3 is not None else dummy, W if W is not None else dummy, bias if bias is not None else dummy,
         xa, B3, lb if lb is not None else dummy, scale, idx if idx is not None else scale,
         res if res is not None else dummy, out,
-        T, N, K, R,
+        T, N, K, R, _bucket(T),
         xs[0], xs[1], xs[2],
         *(w_kn if w_kn is not None else (0, 0)),
         xa.stride(0), xa.stride(1), xa.stride(2),
@@ -210,6 +230,6 @@ def expand(
         out.stride(0), out.stride(1), out.stride(2),
         HAS_W=W is not None, HAS_BIAS=bias is not None, HAS_LBIAS=lb is not None, HAS_RES=res is not None,
         SEGMENTED=idx is not None, UPCAST=_upcast(dtype), PRECISION=_precision(dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, **kwargs,
+        BLOCK_R=block_r, **tiles,
     )
     return out

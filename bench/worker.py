@@ -1,0 +1,204 @@
+"""One measurement in a fresh process: ``python bench/worker.py WORKLOAD LIB [options]``.
+
+Prints one JSON line: ``{"workload", "lib", "times": [seconds...], "values": {...}}``.
+LIB is ``base`` (the frozen model, no adapters), ``peft``, ``peftcore``, or
+``peftcore-plain`` (peftcore with its fast paths switched off, for comparison).
+``bench/run.py`` starts these; run one by hand to debug a workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+
+def _lib(lib: str) -> str:
+    if lib == "peftcore-plain":
+        os.environ["PEFTCORE_LORA_FAST"] = "0"
+        return "peftcore"
+    return lib
+
+
+def _wrap(model, lib: str, adapter_name: str = "default", **overrides):
+    _, get_peft_model, _ = common.library(lib)
+    return get_peft_model(model, common.lora_config(lib, **overrides), adapter_name=adapter_name)
+
+
+# -- training ---------------------------------------------------------------------
+
+
+def _train_step(lib: str, dropout: float):
+    """A closure running one step: forward + backward (+ AdamW for adapters)."""
+    import torch
+
+    model = common.load_model()
+    ids = common.batch(*common.TRAIN_BATCH)
+    if lib == "base":
+        model.requires_grad_(False)
+        # a frozen model's backward is empty unless the embeddings' output needs a gradient
+        model.enable_input_require_grads()
+        model.train()
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+
+        return step
+    peft_model = _wrap(model, _lib(lib), lora_dropout=dropout)
+    common.randomize_lora_B(peft_model)
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def train(args) -> dict:
+    step = _train_step(args.lib, args.dropout)
+    return {"times": common.repeat(step, args.warmup, args.reps)}
+
+
+def train_mem(args) -> dict:
+    """Peak RSS of two steps above the loaded model (adapters and optimizer object included)."""
+    step = _train_step(args.lib, args.dropout)
+    gc.collect()
+    common.reset_peak_rss()
+    before = common.rss_mib()
+    step()
+    step()
+    return {"times": [], "values": {"peak_above_loaded_mib": common.peak_rss_mib() - before, "loaded_mib": before}}
+
+
+# -- inference ----------------------------------------------------------------------
+
+
+def _forward(model, ids, **kwargs):
+    import torch
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+
+    return run
+
+
+def infer(args) -> dict:
+    model = common.load_model()
+    model.eval()
+    ids = common.batch(*common.INFER_BATCH)
+    if args.lib != "base":
+        model = _wrap(model, _lib(args.lib))
+        common.randomize_lora_B(model)
+        model.eval()
+        if args.merged:
+            model.merge_adapter()
+    return {"times": common.repeat(_forward(model, ids), args.warmup, args.reps)}
+
+
+def mixed(args) -> dict:
+    """One adapter per row, ``args.k`` different adapters in the batch."""
+    model = common.load_model()
+    model.eval()
+    rows, tokens = common.INFER_BATCH
+    ids = common.batch(rows, tokens)
+    if args.lib == "base":
+        return {"times": common.repeat(_forward(model, ids), args.warmup, args.reps)}
+    lib = _lib(args.lib)
+    peft_model = _wrap(model, lib, adapter_name="a0")
+    for i in range(1, args.k):
+        peft_model.add_adapter(f"a{i}", common.lora_config(lib))
+    common.randomize_lora_B(peft_model)
+    peft_model.eval()
+    names = [f"a{row % args.k}" for row in range(rows)]
+    return {"times": common.repeat(_forward(peft_model, ids, adapter_names=names), args.warmup, args.reps)}
+
+
+# -- attaching, loading, swapping, merging -------------------------------------------------
+
+
+def ops(args) -> dict:
+    """Seconds per operation; each repetition starts from a freshly loaded base model."""
+    lib = _lib(args.lib)
+    _, get_peft_model, PeftModel = common.library(lib)
+    ops_ = ("attach", "load", "hotswap", "merge_and_unload", "add_2nd", "add_16th")
+    results: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in ops_}
+
+    def record(op: str, fn) -> None:
+        wall, cpu = common.timed_both(fn)
+        results[op]["wall"].append(wall)
+        results[op]["cpu"].append(cpu)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_model = _wrap(common.load_model(), lib)  # warm-up: first-use imports are not the operation's cost
+        common.randomize_lora_B(seed_model)
+        seed_model.save_pretrained(tmp)
+        del seed_model
+        for rep in range(args.reps):
+            gc.collect()
+            model = common.load_model()
+            config = common.lora_config(lib)
+            record("attach", lambda: get_peft_model(model, config))
+            del model
+            gc.collect()
+            model = common.load_model()
+            holder = {}
+            record("load", lambda: holder.setdefault("m", PeftModel.from_pretrained(model, tmp)))
+            loaded = holder["m"]
+
+            def hotswap():
+                loaded.load_adapter(tmp, adapter_name="second")
+                loaded.set_adapter("second")
+
+            record("hotswap", hotswap)
+            del loaded, holder, model
+            gc.collect()
+            peft_model = _wrap(common.load_model(), lib)
+            record("merge_and_unload", peft_model.merge_and_unload)
+            del peft_model
+            gc.collect()
+            peft_model = _wrap(common.load_model(), lib)
+            for i in range(2, 17):
+                config = common.lora_config(lib)
+                wall, cpu = common.timed_both(lambda: peft_model.add_adapter(f"a{i}", config))
+                if i in (2, 16):
+                    op = "add_2nd" if i == 2 else "add_16th"
+                    results[op]["wall"].append(wall)
+                    results[op]["cpu"].append(cpu)
+            del peft_model
+    return {"times": [], "values": results}
+
+
+WORKLOADS = {"train": train, "train_mem": train_mem, "infer": infer, "mixed": mixed, "ops": ops}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("lib", choices=["base", "peft", "peftcore", "peftcore-plain"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--merged", action="store_true")
+    parser.add_argument("--k", type=int, default=1)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    common.setup_torch()
+    out = WORKLOADS[args.workload](args)
+    out.setdefault("values", {})
+    print(json.dumps({"workload": args.workload, "lib": args.lib, **out}))
+
+
+if __name__ == "__main__":
+    main()
