@@ -126,3 +126,26 @@ def greedy_reference(forward, arch: str, kwargs: dict, steps: int) -> torch.Tens
 def outputs(model, kwargs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**kwargs).logits
+
+
+# -- real-task test helpers: batches and accuracy for sequence classification --
+
+
+def text_batches(tokenizer, data, batch_size: int, max_length: int = 64, shuffle_seed: int | None = None):
+    """(encoded, labels) batches of a ``peftcore.assets.LabelledText``, optionally shuffled."""
+    order = list(range(len(data)))
+    if shuffle_seed is not None:
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        encoded = tokenizer([data.texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        yield encoded, torch.tensor([data.labels[i] for i in rows])
+
+
+@torch.no_grad()
+def held_out_accuracy(model, tokenizer, data, max_length: int = 64) -> float:
+    model.eval()
+    correct = 0
+    for encoded, labels in text_batches(tokenizer, data, 64, max_length):
+        correct += int((model(**encoded).logits.argmax(-1) == labels).sum())
+    return correct / len(data)
