@@ -1,11 +1,12 @@
 """peftcore against peft on SmolLM2-135M (fp32, 2 threads): ``python bench/run.py``.
 
-Every measurement runs in a fresh subprocess (``bench/worker.py``), libraries
-interleaved round by round (base, peft, peftcore, base, peft, peftcore, ...) so
-that a load change on a shared machine hits all of them alike. Each process does
-warm-ups, then repetitions; a figure is the median over all repetitions of all
-rounds, with min-max, and every figure is also given as a ratio to peft and to the
-frozen base model measured in the same run.
+Every measurement runs in a fresh subprocess (``bench/worker.py``), one library per
+process, libraries interleaved round by round. Timed workloads also load the frozen
+base model in the same process and alternate base and adapted runs, so each figure
+comes with a per-pair ratio to the base that cancels what is particular to a process
+or a moment on a shared machine. A figure is the median over all repetitions of all
+rounds, with min-max; "/ base" is the median of the per-pair ratios, "/ peft" the
+quotient of two libraries' "/ base".
 
 ``--quick`` is a smoke run (one round, one repetition); ``--markdown PATH`` writes
 the report (docs/benchmarks.md), ``--json PATH`` the raw numbers.
@@ -43,23 +44,48 @@ def _worker(workload: str, lib: str, *args: str, memory: bool = False, timeout: 
     return json.loads(line)
 
 
-def _interleaved(rounds: int, jobs: list[tuple[str, tuple[str, ...], str, bool]], log) -> dict[str, list]:
-    """Run ``jobs`` (label, worker args, what to collect, memory) round-robin; collect per label."""
-    out: dict[str, list] = {label: [] for label, *_ in jobs}
+def _interleaved(rounds: int, jobs: list[tuple[str, tuple[str, ...], bool]], log) -> dict[str, list[dict]]:
+    """Run ``jobs`` (label, worker args, memory) round-robin; per label, one worker result per round."""
+    out: dict[str, list[dict]] = {label: [] for label, *_ in jobs}
     for r in range(rounds):
-        for label, args, collect, memory in jobs:
+        for label, args, memory in jobs:
             start = time.perf_counter()
-            result = _worker(*args, memory=memory)
-            if collect == "times":
-                out[label].extend(result["times"])
-            else:
-                out[label].append(result["values"])
-            log(f"  round {r + 1}/{rounds} {label:<28} {time.perf_counter() - start:6.1f}s")
+            out[label].append(_worker(*args, memory=memory))
+            log(f"  round {r + 1}/{rounds} {label:<24} {time.perf_counter() - start:6.1f}s  (load {os.getloadavg()[0]:.1f})")
     return out
 
 
 def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _timed(raw: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per label: time statistics and the median per-pair ratio to the base of the same process.
+
+    The ``base`` entry pools the base runs of every process of the section.
+    """
+    section, base_times = {}, []
+    for label, results in raw.items():
+        times = [t for res in results for t in res["times"]]
+        section[label] = _stats(times)
+        pairs = [t / b for res in results for t, b in zip(res["times"], res.get("base_times", []))]
+        if pairs:
+            section[label]["vs_base"] = _stats(pairs)
+        base_times += [b for res in results for b in res.get("base_times", [])]
+    if base_times and "base" not in section:
+        section = {"base": {**_stats(base_times), "vs_base": _stats([1.0])}, **section}
+    return section
+
+
+def vs_base(section: dict, label: str) -> float | None:
+    entry = section.get(label, {})
+    return entry["vs_base"]["median"] if "vs_base" in entry else None
+
+
+def relative(section: dict, label: str, reference: str) -> float | None:
+    """``label``'s cost relative to ``reference``'s, each taken against its own process's base."""
+    a, b = vs_base(section, label), vs_base(section, reference)
+    return a / b if a is not None and b else None
 
 
 def run(args) -> dict:
@@ -72,32 +98,32 @@ def run(args) -> dict:
     report = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": os.getloadavg(), "sections": {}}
     sections = report["sections"]
 
+    timed = lambda *a: ("--warmup", warm, "--reps", reps, *a)  # noqa: E731
     if "train" in args.only:
         log("training step (forward + backward + AdamW), batch %dx%d" % common.TRAIN_BATCH)
-        jobs = [(lib, ("train", lib, "--warmup", warm, "--reps", reps), "times", False) for lib in libs]
-        sections["train"] = {k: _stats(v) for k, v in _interleaved(rounds, jobs, log).items()}
+        jobs = [(lib, ("train", lib, *timed()), False) for lib in lora_libs]
+        sections["train"] = _timed(_interleaved(rounds, jobs, log))
     if "train_mem" in args.only:
         log("peak training memory above the loaded model")
-        jobs = [(lib, ("train_mem", lib), "values", True) for lib in libs]
+        jobs = [(lib, ("train_mem", lib), True) for lib in libs]
         raw = _interleaved(max(1, rounds - 1) if not args.quick else 1, jobs, log)
-        sections["train_mem"] = {k: _stats([v["peak_above_loaded_mib"] for v in vals]) for k, vals in raw.items()}
+        sections["train_mem"] = {k: _stats([r["values"]["peak_above_loaded_mib"] for r in v]) for k, v in raw.items()}
     if "infer" in args.only:
         log("inference forward, batch %dx%d" % common.INFER_BATCH)
-        jobs = [(lib, ("infer", lib, "--warmup", warm, "--reps", reps), "times", False) for lib in libs]
-        jobs += [(f"{lib} merged", ("infer", lib, "--merged", "--warmup", warm, "--reps", reps), "times", False) for lib in lora_libs]
-        sections["infer"] = {k: _stats(v) for k, v in _interleaved(rounds, jobs, log).items()}
+        jobs = [(lib, ("infer", lib, *timed()), False) for lib in lora_libs]
+        jobs += [(f"{lib} merged", ("infer", lib, *timed("--merged")), False) for lib in lora_libs]
+        sections["infer"] = _timed(_interleaved(rounds, jobs, log))
     if "mixed" in args.only:
         log("mixed-adapter batches, one adapter per row, batch %dx%d" % common.INFER_BATCH)
-        jobs = [("base", ("mixed", "base", "--warmup", warm, "--reps", reps), "times", False)]
-        for k in (1, 4, 16):
-            jobs += [(f"{lib} K={k}", ("mixed", lib, "--k", str(k), "--warmup", warm, "--reps", reps), "times", False) for lib in lora_libs]
-        sections["mixed"] = {k: _stats(v) for k, v in _interleaved(rounds, jobs, log).items()}
+        jobs = [(f"{lib} K={k}", ("mixed", lib, *timed("--k", str(k))), False) for k in (1, 4, 16) for lib in lora_libs]
+        sections["mixed"] = _timed(_interleaved(rounds, jobs, log))
     if "ops" in args.only:
         log("attach / load / hot-swap / merge_and_unload / add adapters")
-        jobs = [(lib, ("ops", lib, "--reps", "1" if args.quick else str(args.ops_reps)), "values", False) for lib in lora_libs]
+        jobs = [(lib, ("ops", lib, "--reps", "1" if args.quick else str(args.ops_reps)), False) for lib in lora_libs]
         raw = _interleaved(rounds if not args.quick else 1, jobs, log)
         sections["ops"] = {}
-        for lib, runs in raw.items():
+        for lib, results in raw.items():
+            runs = [res["values"] for res in results]
             merged: dict[str, dict] = {}
             for op in runs[0]:
                 for clock in ("wall", "cpu"):
@@ -146,13 +172,30 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def _row(label: str, s: dict, peft: dict | None, base: dict | None, unit=_ms) -> str:
-    vs_peft = f"{s['median'] / peft['median']:.2f}x" if peft else "-"
-    vs_base = f"{s['median'] / base['median']:.2f}x" if base else "-"
-    return f"| {label} | {unit(s['median'])} | {unit(s['min'])} - {unit(s['max'])} | {s['n']} | {vs_peft} | {vs_base} |"
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
-HEADER = "| | median | min - max | n | / peft | / base |\n|---|---|---|---|---|---|"
+def _row(label: str, section: dict, peft_label: str | None) -> str:
+    """A timed row: time, spread, n, against peft (each against its own base), against the base."""
+    s = section[label]
+    pair = s.get("vs_base")
+    spread = f" ({_times(pair['min'])}-{_times(pair['max'])})" if pair and pair["n"] > 1 else ""
+    vs_peft = relative(section, label, peft_label) if peft_label in section and label != "base" else None
+    return (f"| {label} | {_ms(s['median'])} | {_ms(s['min'])} - {_ms(s['max'])} | {s['n']} | {_times(vs_peft)} | "
+            f"{_times(pair['median'] if pair else None)}{spread} |")
+
+
+def _memory_row(label: str, section: dict) -> str:
+    s, peft, base = section[label], section.get("peft"), section.get("base")
+    ratio = lambda ref: _times(s["median"] / ref["median"]) if ref else "-"  # noqa: E731
+    return f"| {label} | {s['median']:.0f} MiB | {s['min']:.0f} - {s['max']:.0f} MiB | {s['n']} | {ratio(peft)} | {ratio(base)} |"
+
+
+HEADER = "| | median | min - max | n | / peft | / base (min-max) |\n|---|---|---|---|---|---|"
+RATIO_NOTE = ("\"/ base\" is the median over all repetitions of (this run / the base run next to it in the same process), "
+              "with its min-max; \"/ peft\" divides a row's \"/ base\" by peft's. Times alone vary by 20% between "
+              "processes on this shared machine; these ratios vary far less.")
 
 
 def markdown(report: dict) -> str:
@@ -163,44 +206,49 @@ def markdown(report: dict) -> str:
         f"Run {report['started']} - {report['finished']}; load average before {_load(report['load_before'])}, "
         f"after {_load(report['load_after'])} (the machine is shared: compare ratios, which come from interleaved runs).",
         "",
+        *[f"- `{r['command']}`: {r['started']} - {r['finished']}, load {_load(r['load_before'])} -> {_load(r['load_after'])}"
+          for r in report.get("runs", [])],
+        "",
         "Machine: " + f"{env['cpu']}, {env['cores']} cores, {env['memory']}; torch.set_num_threads({env['torch threads']}), fp32.",
         "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "peft", "peftcore", "peftcore-lora", "triton")),
         "",
         "Model: SmolLM2-135M (peftcore.assets.smollm2_dir()), LoRA r=16, alpha=32, dropout 0, target_modules=\"all-linear\" "
-        "(210 layers). Each figure: median over all repetitions of all rounds, each library in a fresh process.",
+        "(210 layers). Each figure: median over all repetitions of all rounds, each library in a fresh process "
+        "that also holds a frozen copy of the base model. " + RATIO_NOTE,
         "",
     ]
     if "train" in sec:
         s = sec["train"]
         lines += ["## Training step", "", f"Batch {common.TRAIN_BATCH[0]} x {common.TRAIN_BATCH[1]} tokens, loss = causal LM loss. "
                   "base = frozen model, forward + backward with gradients through the network (the embeddings' output "
-                  "requires grad); adapters: forward + backward + AdamW (lr 1e-4) step.", "", HEADER]
-        lines += [_row(k, v, s.get("peft"), s.get("base")) for k, v in s.items()]
+                  "requires grad); adapters: forward + backward + AdamW step (lr 1e-4, `fused=True`: the optimizer "
+                  "transformers' Trainer picks by default).", "", HEADER]
+        lines += [_row(k, s, "peft") for k in s]
         lines.append("")
     if "train_mem" in sec:
         s = sec["train_mem"]
         lines += ["## Peak training memory", "", "Peak RSS (VmHWM, reset through /proc/self/clear_refs) over the first two "
                   "steps above the RSS of the loaded model with adapters and optimizer object, one fresh process per "
-                  "measurement, glibc told to return freed blocks (same settings for all).", "", HEADER]
-        lines += [_row(k, v, s.get("peft"), s.get("base"), unit=lambda m: f"{m:.0f} MiB") for k, v in s.items()]
+                  "measurement (no base copy beside it), glibc told to return freed blocks (same settings for all). "
+                  "Memory does not vary like time: ratios are plain quotients of medians.", "",
+                  HEADER.replace(" (min-max)", "")]
+        lines += [_memory_row(k, s) for k in s]
         lines.append("")
     if "infer" in sec:
         s = sec["infer"]
         lines += ["## Inference", "", f"Forward under torch.no_grad(), batch {common.INFER_BATCH[0]} x {common.INFER_BATCH[1]} "
                   "tokens, full logits. Unmerged adapter, and after merge_adapter().", "", HEADER]
-        lines += [_row(k, v, s.get("peft" if " merged" not in k else "peft merged"), s.get("base")) for k, v in s.items()]
+        lines += [_row(k, s, "peft" if " merged" not in k else "peft merged") for k in s]
         lines.append("")
     if "mixed" in sec:
         s = sec["mixed"]
         lines += ["## Mixed-adapter batches", "", f"Batch {common.INFER_BATCH[0]} x {common.INFER_BATCH[1]}, "
                   "adapter_names = one adapter per row, K different adapters (row i uses adapter i mod K).", "", HEADER]
-        for k, v in s.items():
-            k_suffix = k.split(" ", 1)[1] if " " in k else None
-            lines.append(_row(k, v, s.get(f"peft {k_suffix}") if k_suffix else None, s.get("base")))
+        lines += [_row(k, s, f"peft {k.split(' ', 1)[1]}" if " " in k else None) for k in s]
         for lib in ("peftcore", "peft"):
-            if f"{lib} K=1" in s and f"{lib} K=16" in s:
-                growth = s[f"{lib} K=16"]["median"] / s[f"{lib} K=1"]["median"] - 1
-                lines.append(f"\n{lib}: K=1 -> K=16 costs {growth * 100:+.1f}%.")
+            growth = relative(s, f"{lib} K=16", f"{lib} K=1")
+            if growth is not None:
+                lines.append(f"\n{lib}: K=1 -> K=16 costs {(growth - 1) * 100:+.1f}% (each against its own base).")
         lines.append("")
     if "ops" in sec:
         lines += ["## Attaching, loading, swapping, merging", "",
@@ -235,9 +283,16 @@ NOTES = """## What peftcore does differently
 - **Training and unmerged inference** (`peftcore_lora/fast.py`): for `nn.Linear` / GPT-2 `Conv1D` base layers one
   autograd function computes `x W.T + b + s * B(A(dropout(x)))` for every active adapter, accumulating the LoRA
   product into the base output inside the GEMM (`addmm_(..., alpha=s)`), so the `(N, out)` LoRA product, its scaled
-  copy and the sum never exist. Backward recomputes what it needs and saves only the input (shared by q/k/v and by
-  gate/up, which read the same tensor), the `(N, r)` products `x A.T` and a 1-byte dropout mask, never a dropout copy.
-  With `p = 0` no dropout work is done. Dropout with `p > 0` draws the same mask as `nn.Dropout` (same RNG calls).
+  copy and the sum never exist. Backward saves only the input (shared by q/k/v and by gate/up, which read the same
+  tensor), the `(N, r)` products `x A.T` and a 1-byte dropout mask, never a dropout copy. With `p = 0` no dropout
+  work is done; with `p > 0` the mask is the one `nn.Dropout` draws (same RNG calls).
+- **Inputs rebuilt, not kept**: a frozen base layer's backward needs only its weight; LoRA's gradient of A needs the
+  layer's input, which is what made peft's training memory 1.35x the base's here. When that input is a product whose
+  factors autograd keeps anyway (SwiGLU's `act(gate) * up` before `down_proj`; RMSNorm's `weight * (h * rsqrt(var))`
+  before q/k/v and gate/up), peftcore keeps references to the factors and multiplies them again in backward, once
+  for all layers sharing the input: the same bits, no copy. Only the inputs of `o_proj` (the attention output) are
+  still kept. Not done under saved-tensor hooks (non-reentrant checkpointing, CPU offload), where reading the
+  factors would run the hooks.
 - **Mixed-adapter batches**: the A and B of each row's adapter are gathered (ranks zero-padded) and applied with two
   batched matmuls accumulated into the base output, instead of a Python loop over adapters with row gathers and scatters.
 - **Attaching and loading** (`peftcore/tuner.py`, `serialization.py`): one pruned walk over the model that never enters
@@ -250,10 +305,8 @@ NOTES = """## What peftcore does differently
 
 ## Limits of this CPU comparison
 
-- Memory: an exact LoRA backward needs each adapted layer's input to form the gradient of A. A frozen base saves
-  none of them (its backward needs only the weights), so for SmolLM2 four extra activations per layer (the inputs of
-  q/k/v, o, gate/up and down: 3,264 floats per token per layer, ~100 MiB for 2 x 128 tokens) stay alive in any exact
-  implementation, peft's and peftcore's alike. That sets the floor of the memory ratio.
+- Memory: what remains above the base is the optimizer state and gradients of 4.9 M adapter parameters (~58 MiB
+  with AdamW), the `o_proj` inputs (~17 MiB here) and the `(N, r)` products.
 - GPU: `bench/gpu.py` (Triton kernels vs the PyTorch paths vs peft's formula, layer level and whole models, H100) is
   ready to run in one go; no GPU was available where these numbers were taken, so it has only run in `--smoke` mode.
 """
@@ -277,27 +330,17 @@ def targets(report: dict) -> list[str]:
             return
         rows.append(f"| {name} | {fmt.format(value)} | <= {fmt.format(limit)} | {'met' if value <= limit else 'missed'} |")
 
-    med = lambda s, k: s[k]["median"] if k in s else None  # noqa: E731
     if "train" in sec:
-        s = sec["train"]
-        if med(s, "peftcore") and med(s, "base"):
-            add("training step / frozen-base fwd+bwd", med(s, "peftcore") / med(s, "base"), 1.12)
-        if med(s, "peftcore") and med(s, "peft"):
-            add("training step / peft's step", med(s, "peftcore") / med(s, "peft"), 0.90)
-    if "train_mem" in sec:
-        s = sec["train_mem"]
-        if med(s, "peftcore") and med(s, "base"):
-            add("peak training memory / frozen base's", med(s, "peftcore") / med(s, "base"), 1.25)
+        add("training step / frozen-base fwd+bwd", vs_base(sec["train"], "peftcore"), 1.12)
+        add("training step / peft's step", relative(sec["train"], "peftcore", "peft"), 0.90)
+    if "train_mem" in sec and {"peftcore", "base"} <= set(sec["train_mem"]):
+        add("peak training memory / frozen base's", sec["train_mem"]["peftcore"]["median"] / sec["train_mem"]["base"]["median"], 1.25)
     if "infer" in sec:
-        s = sec["infer"]
-        if med(s, "peftcore") and med(s, "base"):
-            add("unmerged inference / base forward", med(s, "peftcore") / med(s, "base"), 1.05)
+        add("unmerged inference / base forward", vs_base(sec["infer"], "peftcore"), 1.05)
     if "mixed" in sec:
-        s = sec["mixed"]
-        if med(s, "peftcore K=16") and med(s, "base"):
-            add("mixed batch, 16 adapters / base forward", med(s, "peftcore K=16") / med(s, "base"), 1.10)
-        if med(s, "peftcore K=16") and med(s, "peftcore K=1"):
-            add("mixed batch growth K=1 -> K=16", med(s, "peftcore K=16") / med(s, "peftcore K=1") - 1, 0.05, fmt="{:+.1%}")
+        add("mixed batch, 16 adapters / base forward", vs_base(sec["mixed"], "peftcore K=16"), 1.10)
+        growth = relative(sec["mixed"], "peftcore K=16", "peftcore K=1")
+        add("mixed batch growth K=1 -> K=16", None if growth is None else growth - 1, 0.05, fmt="{:+.1%}")
     if "ops" in sec and "peft" in sec["ops"] and "peftcore" in sec["ops"]:
         p, c = sec["ops"]["peft"], sec["ops"]["peftcore"]
         add("attach / peft's", c["attach wall"]["median"] / p["attach wall"]["median"], 0.5)
@@ -306,6 +349,24 @@ def targets(report: dict) -> list[str]:
     if not rows:
         return []
     return ["## Targets (issue 6)", "", "| target | measured | limit | |", "|---|---|---|---|", *rows, ""]
+
+
+def _load_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report out of several runs (sections measured by separate invocations)."""
+    merged = {"sections": {}, "environment": reports[0]["environment"], "started": reports[0]["started"],
+              "finished": reports[-1]["finished"], "load_before": reports[0]["load_before"], "load_after": reports[-1]["load_after"]}
+    for report in reports:
+        merged["sections"].update(report["sections"])
+    merged["command"] = " ; ".join(r["command"].replace("python bench/run.py ", "python bench/run.py ", 1) for r in reports)
+    merged["runs"] = [{"command": r["command"], "started": r["started"], "finished": r["finished"],
+                       "load_before": r["load_before"], "load_after": r["load_after"], "sections": sorted(r["sections"])}
+                      for r in reports]
+    return merged
 
 
 def main(argv=None) -> None:
@@ -320,8 +381,10 @@ def main(argv=None) -> None:
     parser.add_argument("--with-plain", action="store_true", help="also run peftcore with its fast paths off")
     parser.add_argument("--markdown", help="write the report here (e.g. docs/benchmarks.md)")
     parser.add_argument("--json", help="write the raw figures here")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="measure nothing: build the report from earlier --json files (e.g. one per --only section)")
     args = parser.parse_args(argv)
-    report = run(args)
+    report = merge([_load_json(path) for path in args.from_json]) if args.from_json else run(args)
     text = markdown(report)
     print(text)
     if args.markdown:

@@ -1,9 +1,11 @@
 """One measurement in a fresh process: ``python bench/worker.py WORKLOAD LIB [options]``.
 
-Prints one JSON line: ``{"workload", "lib", "times": [seconds...], "values": {...}}``.
-LIB is ``base`` (the frozen model, no adapters), ``peft``, ``peftcore``, or
-``peftcore-plain`` (peftcore with its fast paths switched off, for comparison).
-``bench/run.py`` starts these; run one by hand to debug a workload.
+Prints one JSON line: ``{"workload", "lib", "times": [seconds...], "values": {...}}``,
+and for the timed workloads of an adapter library also ``"base_times"``: the frozen
+base model run alternately in the same process. LIB is ``base`` (the frozen model
+only), ``peft``, ``peftcore``, or ``peftcore-plain`` (peftcore with its fast paths
+switched off, for comparison). ``bench/run.py`` starts these; run one by hand to
+debug a workload.
 """
 
 from __future__ import annotations
@@ -33,29 +35,47 @@ def _wrap(model, lib: str, adapter_name: str = "default", **overrides):
     return get_peft_model(model, common.lora_config(lib, **overrides), adapter_name=adapter_name)
 
 
-# -- training ---------------------------------------------------------------------
+# -- timed workloads: the library's model against a frozen base copy in the same process --
+#
+# Two processes running the same code can differ by 20% on a shared VM (where their
+# memory landed, what the neighbours do), more than the effects measured here. So
+# every process also loads the base model and alternates base and adapted runs
+# (A B B A ...): the per-pair ratio cancels whatever is particular to the process.
+
+
+def _optimizer(params):
+    """AdamW as transformers' Trainer uses it by default (``adamw_torch_fused`` with torch >= 2.8)."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, ValueError):  # a build without the fused kernel for this device
+        return torch.optim.AdamW(params, lr=1e-4)
+
+
+def _base_train_step():
+    model = common.load_model()
+    ids = common.batch(*common.TRAIN_BATCH)
+    model.requires_grad_(False)
+    # a frozen model's backward is empty unless the embeddings' output needs a gradient
+    model.enable_input_require_grads()
+    model.train()
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return step
 
 
 def _train_step(lib: str, dropout: float):
     """A closure running one step: forward + backward (+ AdamW for adapters)."""
-    import torch
-
-    model = common.load_model()
-    ids = common.batch(*common.TRAIN_BATCH)
     if lib == "base":
-        model.requires_grad_(False)
-        # a frozen model's backward is empty unless the embeddings' output needs a gradient
-        model.enable_input_require_grads()
-        model.train()
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-
-        return step
-    peft_model = _wrap(model, _lib(lib), lora_dropout=dropout)
+        return _base_train_step()
+    ids = common.batch(*common.TRAIN_BATCH)
+    peft_model = _wrap(common.load_model(), _lib(lib), lora_dropout=dropout)
     common.randomize_lora_B(peft_model)
     peft_model.train()
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = _optimizer([p for p in peft_model.parameters() if p.requires_grad])
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -65,13 +85,31 @@ def _train_step(lib: str, dropout: float):
     return step
 
 
+def _paired(run, base_run, warmup: int, reps: int) -> dict:
+    """Times of ``run`` and of ``base_run``, alternated A B B A so neither always goes first."""
+    if base_run is None:
+        return {"times": common.repeat(run, warmup, reps)}
+    for _ in range(warmup):
+        base_run()
+        run()
+    times, base_times = [], []
+    for i in range(reps):
+        pair = (run, base_run) if i % 2 == 0 else (base_run, run)
+        for fn in pair:
+            (times if fn is run else base_times).append(common.timed(fn))
+    return {"times": times, "base_times": base_times}
+
+
 def train(args) -> dict:
-    step = _train_step(args.lib, args.dropout)
-    return {"times": common.repeat(step, args.warmup, args.reps)}
+    base = None if args.lib == "base" else _base_train_step()
+    return _paired(_train_step(args.lib, args.dropout), base, args.warmup, args.reps)
 
 
 def train_mem(args) -> dict:
-    """Peak RSS of two steps above the loaded model (adapters and optimizer object included)."""
+    """Peak RSS of two steps above the loaded model (adapters and optimizer object included).
+
+    Memory needs a process of its own: the base model is not loaded beside it.
+    """
     step = _train_step(args.lib, args.dropout)
     gc.collect()
     common.reset_peak_rss()
@@ -94,35 +132,38 @@ def _forward(model, ids, **kwargs):
     return run
 
 
-def infer(args) -> dict:
+def _base_forward(ids):
     model = common.load_model()
     model.eval()
+    return _forward(model, ids)
+
+
+def infer(args) -> dict:
     ids = common.batch(*common.INFER_BATCH)
-    if args.lib != "base":
-        model = _wrap(model, _lib(args.lib))
-        common.randomize_lora_B(model)
-        model.eval()
-        if args.merged:
-            model.merge_adapter()
-    return {"times": common.repeat(_forward(model, ids), args.warmup, args.reps)}
+    if args.lib == "base":
+        return _paired(_base_forward(ids), None, args.warmup, args.reps)
+    model = _wrap(common.load_model(), _lib(args.lib))
+    common.randomize_lora_B(model)
+    model.eval()
+    if args.merged:
+        model.merge_adapter()
+    return _paired(_forward(model, ids), _base_forward(ids), args.warmup, args.reps)
 
 
 def mixed(args) -> dict:
     """One adapter per row, ``args.k`` different adapters in the batch."""
-    model = common.load_model()
-    model.eval()
     rows, tokens = common.INFER_BATCH
     ids = common.batch(rows, tokens)
     if args.lib == "base":
-        return {"times": common.repeat(_forward(model, ids), args.warmup, args.reps)}
+        return _paired(_base_forward(ids), None, args.warmup, args.reps)
     lib = _lib(args.lib)
-    peft_model = _wrap(model, lib, adapter_name="a0")
+    peft_model = _wrap(common.load_model(), lib, adapter_name="a0")
     for i in range(1, args.k):
         peft_model.add_adapter(f"a{i}", common.lora_config(lib))
     common.randomize_lora_B(peft_model)
     peft_model.eval()
     names = [f"a{row % args.k}" for row in range(rows)]
-    return {"times": common.repeat(_forward(peft_model, ids, adapter_names=names), args.warmup, args.reps)}
+    return _paired(_forward(peft_model, ids, adapter_names=names), _base_forward(ids), args.warmup, args.reps)
 
 
 # -- attaching, loading, swapping, merging -------------------------------------------------

@@ -367,3 +367,86 @@ def test_autocast_takes_the_plain_path(monkeypatch, counting):
             outs.append(model(x))
     assert counting["fused"] == 0
     assert outs[0].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+
+
+class GatedBlock(nn.Module):
+    """An RMSNorm feeding two projections and a SwiGLU product feeding a third (LLaMA's MLP)."""
+
+    def __init__(self, d: int = 12, hidden: int = 20):
+        super().__init__()
+        self.norm_weight = nn.Parameter(torch.rand(d) + 0.5)
+        self.gate, self.up, self.down = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.norm_weight * h
+        return self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def _gated_model(dropout: float = 0.0):
+    torch.manual_seed(0)
+    model = get_peft_model(GatedBlock(), LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout, target_modules=["gate", "up", "down"]))
+    model.base_model.model.norm_weight.requires_grad_(False)
+    _randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_inputs_rebuilt_from_product_factors_give_identical_gradients(dropout, monkeypatch, counting):
+    """The rebuilt input is the same bits as the kept one, so every gradient is equal, not just close."""
+    model = _gated_model(dropout)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    rebuilds = []
+    original = fast.input_rebuild
+    monkeypatch.setattr(fast, "input_rebuild", lambda t, n: rebuilds.append(original(t, n)) or rebuilds[-1])
+    rebuilt = _run(model, x, 4, monkeypatch, True)
+    assert counting["fused"] == 3
+    gate, up, down = rebuilds  # gate/up: the norm's product, one rebuild for both; down: act(gate) * up
+    assert gate is up and down is not None and down is not gate
+    assert gate.pending == down.pending == 0 and gate.value is None  # nothing held after backward
+    monkeypatch.setattr(fast, "input_rebuild", lambda t, n: None)
+    kept = _run(model, x, 4, monkeypatch, True)
+    assert torch.equal(rebuilt[0], kept[0]) and torch.equal(rebuilt[1], kept[1])
+    assert sorted(rebuilt[2]) == sorted(kept[2]) and len(kept[2]) == 6
+    for name in kept[2]:
+        assert torch.equal(rebuilt[2][name], kept[2][name]), name
+    _compare(model, x, monkeypatch, seed=4)  # and both agree with the plain path
+
+
+def test_rebuilt_input_is_not_kept_alive(monkeypatch):
+    """After forward nothing holds down's input: autograd keeps only the factors it kept anyway."""
+    import weakref
+
+    monkeypatch.setenv("PEFTCORE_LORA_FAST", "1")
+    model = _gated_model()
+    model.train()
+    seen = []
+    model.base_model.model.down.register_forward_pre_hook(lambda module, args: seen.append(weakref.ref(args[0])))
+    x = torch.randn(4, 12, requires_grad=True)
+
+    out = model(x)
+    assert seen[-1]() is None
+    out.sum().backward()
+
+    monkeypatch.setattr(fast, "input_rebuild", lambda t, n: None)
+    out = model(x)
+    assert seen[-1]() is not None  # kept when it cannot be rebuilt
+    out.sum().backward()
+
+
+def test_inputs_are_kept_when_they_cannot_be_rebuilt():
+    a = torch.randn(4, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True)
+    product = a * b
+    assert fast.input_recipe(product) is not None
+    assert fast.input_recipe(torch.tanh(product)) is None  # not a product
+    assert fast.input_recipe(product * 2.0) is None  # a scalar factor autograd does not keep as a tensor
+    assert fast.input_recipe(product[:2]) is None  # a view
+    assert fast.input_recipe(a) is None  # a leaf
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        hooked = a * b
+        assert fast.input_recipe(hooked) is None  # reading the factors would run the unpack hook
+    changed = a * b
+    with torch.no_grad():
+        b.mul_(1.0)  # bumps b's version: autograd's copy of the factor is stale
+    assert fast.input_recipe(changed) is None

@@ -6,7 +6,10 @@ and autograd saving a dropout copy of the input per adapter. Here one autograd
 function computes the base layer and every active adapter with in-place GEMM
 accumulation (``addmm_`` with ``alpha=s``), saves only the input (shared between
 layers that read the same tensor), the tiny ``x @ A.T`` products and a 1-byte
-dropout mask, and recomputes the rest in backward.
+dropout mask, and recomputes the rest in backward. Where the input is a product
+whose factors autograd keeps anyway (the ``act(gate) * up`` feeding a SwiGLU
+``down_proj``, an RMSNorm's ``weight * (h * rsqrt(var))`` feeding q/k/v), even the
+input is not kept: backward multiplies the factors again, bit for bit.
 
 Mixed-adapter batches use one gathered, batched computation (per-row A and B
 stacked and ``bmm``) instead of a Python loop over the adapters.
@@ -21,6 +24,7 @@ On CUDA with Triton installed the same maths runs in the fused kernels of
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -73,10 +77,6 @@ def _global_hooks() -> bool:
     return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
-def _plain_tensor(t) -> bool:
-    return t is None or type(t) in (torch.Tensor, nn.Parameter)
-
-
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -90,43 +90,56 @@ class _Adapter:
         self.A, self.B, self.bias, self.scaling, self.p = A, B, bias, scaling, p
 
 
-def _active_adapters(layer, x: torch.Tensor) -> list[_Adapter] | None:
+def _matches(t, dtype, device) -> bool:
+    """A plain tensor (or None) of the input's dtype and device: nothing for F.linear to cast."""
+    return t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.dtype == dtype and t.device == device)
+
+
+# Runs for every adapted layer on every forward: submodules and parameters are read
+# from ``_modules`` / ``_parameters`` directly, which skips nn.Module.__getattr__'s
+# search (a third of this function's cost with a few adapters).
+
+
+def _adapter(layer, name: str, dtype, device) -> _Adapter | None:
+    """Adapter ``name`` of ``layer`` as the fused maths needs it, or None if it needs the plain path."""
+    if layer.use_dora.get(name):
+        return None
+    modules = layer._modules
+    lora_A, lora_B = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+    dropout = modules["lora_dropout"]._modules[name]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or _has_hooks(lora_A) or _has_hooks(lora_B):
+        return None
+    if type(dropout) is nn.Identity:
+        p = 0.0
+    elif type(dropout) is nn.Dropout and not dropout.inplace and not _has_hooks(dropout):
+        p = dropout.p if dropout.training else 0.0
+    else:
+        return None
+    A, B, bias = lora_A._parameters["weight"], lora_B._parameters["weight"], lora_B._parameters["bias"]
+    if A is None or B is None or not (_matches(A, dtype, device) and _matches(B, dtype, device) and _matches(bias, dtype, device)):
+        return None
+    return _Adapter(A, B, bias, float(layer.scaling[name]), float(p))
+
+
+def _active_adapters(layer, dtype, device) -> list[_Adapter] | None:
     """The active, present adapters of ``layer`` if all of them can take the fused path."""
     adapters = []
     for name in layer.active_adapters:
-        if name not in layer.r:
-            continue
-        if layer.use_dora.get(name):
-            return None
-        lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or _has_hooks(lora_A) or _has_hooks(lora_B):
-            return None
-        if type(dropout) is nn.Identity:
-            p = 0.0
-        elif type(dropout) is nn.Dropout and not dropout.inplace and not _has_hooks(dropout):
-            p = dropout.p if dropout.training else 0.0
-        else:
-            return None
-        A, B, bias = lora_A.weight, lora_B.weight, lora_B.bias
-        if not (_plain_tensor(A) and _plain_tensor(B) and _plain_tensor(bias)):
-            return None
-        if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (A, B, bias)):
-            return None
-        adapters.append(_Adapter(A, B, bias, float(layer.scaling[name]), float(p)))
+        if name in layer.r:
+            adapter = _adapter(layer, name, dtype, device)
+            if adapter is None:
+                return None
+            adapters.append(adapter)
     return adapters
 
 
-def _base_tensors(layer, x: torch.Tensor):
+def _base_tensors(layer, dtype, device):
     """(weight, bias, fan_in_fan_out) of a plain Linear/Conv1D base layer, else None."""
-    base = layer.base_layer
+    base = layer._modules["base_layer"]
     if type(base) not in _base_types() or _has_hooks(base):
         return None
-    weight, bias = base.weight, base.bias
-    if not (_plain_tensor(weight) and _plain_tensor(bias)):
-        return None
-    if weight.dtype != x.dtype or weight.device != x.device:
-        return None
-    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
+    weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
+    if weight is None or not (_matches(weight, dtype, device) and _matches(bias, dtype, device)):
         return None
     return weight, bias, type(base) is not nn.Linear
 
@@ -135,11 +148,11 @@ def _input_ok(x) -> bool:
     return type(x) is torch.Tensor and x.dtype in _FLOAT_TYPES and x.dim() >= 1
 
 
-def _fast_context_ok(x: torch.Tensor) -> bool:
+def _fast_context_ok(device: torch.device) -> bool:
     if not enabled() or _global_hooks() or _compiling():
         return False
     # under autocast the plain path's F.linear casts; in-place accumulation would not
-    return not torch.is_autocast_enabled(x.device.type)
+    return not torch.is_autocast_enabled(device.type)
 
 
 # -- the fused base + LoRA linear --------------------------------------------------
@@ -185,29 +198,170 @@ def _lora_forward_into(y, x2d, adapters: list[_Adapter], keep: bool):
 
 
 def _scaled_mm(a, b, scale: float):
-    """``scale * (a @ b)`` with the scaling inside the GEMM (beta=0 ignores the input)."""
-    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+    """``scale * (a @ b)`` for a small result (the scaling costs one pass over it)."""
+    out = torch.mm(a, b)
+    return out if scale == 1.0 else out.mul_(scale)
+
+
+# -- rebuilding the input in backward instead of keeping it ------------------------------
+#
+# A frozen base layer's backward needs only its weight, so the LoRA gradient of A is
+# what makes every adapted layer keep its input alive (~1/3 of a LLaMA block's saved
+# activations). When that input is ``a * b`` and autograd already keeps ``a`` and ``b``
+# for the multiplication's own backward (or they can be rebuilt the same way), keeping
+# references to them costs nothing and one multiplication in backward restores the
+# input exactly: IEEE multiplication is correctly rounded, so ``a * b`` is the same
+# bits every time.
+
+_MAX_DEPTH = 3  # RMSNorm: weight * (hidden * rsqrt(variance)) is two levels
+
+
+def _saved_hooks_active() -> bool:
+    """Whether saved-tensor hooks (non-reentrant checkpointing, CPU offload) are in force.
+
+    Reading a multiplication's saved factors would run their unpack hook in forward
+    (a recomputation or a copy), so rebuilding is only done without them. Unknown
+    torch internals count as active.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    try:
+        return top(False) is not None
+    except Exception:
+        return True
+
+
+def _product_recipe(node, depth: int = 0):
+    """``(a, b)`` with ``node``'s output equal to ``a * b``; a factor is a tensor or a recipe."""
+    if node is None or depth > _MAX_DEPTH or node.name() != "MulBackward0":
+        return None
+    factors = []
+    for attr, (producer, _) in zip(("_saved_self", "_saved_other"), node.next_functions):
+        factor = getattr(node, attr)  # None where autograd did not need to keep it
+        if factor is None:
+            factor = _product_recipe(producer, depth + 1)
+            if factor is None:
+                return None
+        elif type(factor) not in (torch.Tensor, nn.Parameter):
+            return None
+        factors.append(factor)
+    return tuple(factors)
+
+
+def _recipe_meta(recipe):
+    """(shape, dtype, device) of what ``recipe`` rebuilds, or None if its factors disagree."""
+    if isinstance(recipe, torch.Tensor):
+        return recipe.shape, recipe.dtype, recipe.device
+    metas = [_recipe_meta(f) for f in recipe]
+    if None in metas or metas[0][2] != metas[1][2]:
+        return None
+    try:
+        shape = torch.broadcast_shapes(metas[0][0], metas[1][0])
+    except RuntimeError:
+        return None
+    return shape, torch.promote_types(metas[0][1], metas[1][1]), metas[0][2]
+
+
+def input_recipe(x: torch.Tensor):
+    """``(a, b)`` (nested) with ``x == a * b`` from tensors autograd keeps anyway, or None."""
+    if x.grad_fn is None or x._is_view() or _saved_hooks_active():
+        return None
+    try:
+        recipe = _product_recipe(x.grad_fn)
+    except RuntimeError:  # a factor was modified in place since: unpacking it fails
+        return None
+    if recipe is None or _recipe_meta(recipe) != (x.shape, x.dtype, x.device):
+        return None
+    return recipe
+
+
+def _flatten_recipe(recipe, tensors: list) -> object:
+    """The recipe's structure with each tensor replaced by its index in ``tensors``."""
+    if isinstance(recipe, torch.Tensor):
+        tensors.append(recipe)
+        return len(tensors) - 1
+    return tuple(_flatten_recipe(f, tensors) for f in recipe)
+
+
+def _rebuild(structure, tensors):
+    if isinstance(structure, int):
+        return tensors[structure]
+    return _rebuild(structure[0], tensors) * _rebuild(structure[1], tensors)
+
+
+class InputRebuild:
+    """Rebuilds one input in backward; layers reading the same input share it.
+
+    q/k/v (and gate/up) read one tensor: the product is formed once in backward,
+    held until the last of them ran, then dropped. ``factors`` is only for layers
+    still to join in forward; each layer saves them itself (autograd's version checks).
+    """
+
+    __slots__ = ("structure", "factors", "shape", "pending", "value", "__weakref__")
+
+    def __init__(self, structure, factors: list, shape):
+        self.structure, self.factors, self.shape = structure, factors, shape
+        self.pending, self.value = 0, None
+
+    def join(self) -> list:
+        self.pending += 1
+        return self.factors
+
+    def take(self, saved_factors) -> torch.Tensor:
+        self.factors = None  # forward is over; the saved copies are what counts now
+        value = self.value if self.value is not None else _rebuild(self.structure, saved_factors).reshape(self.shape)
+        self.pending -= 1
+        self.value = value if self.pending > 0 else None
+        return value
+
+
+_last_rebuild: tuple | None = None  # (weakref to the input, weakref to its InputRebuild)
+
+
+def input_rebuild(x: torch.Tensor, in_features: int) -> InputRebuild | None:
+    """The shared :class:`InputRebuild` for ``x``, or None when ``x`` must be kept."""
+    global _last_rebuild
+    if _last_rebuild is not None and _last_rebuild[0]() is x:
+        shared = _last_rebuild[1]()
+        if shared is not None and shared.factors is not None:
+            return shared
+    recipe = input_recipe(x)
+    if recipe is None:
+        return None
+    factors: list = []
+    shared = InputRebuild(_flatten_recipe(recipe, factors), factors, (-1, in_features))
+    _last_rebuild = (weakref.ref(x), weakref.ref(shared))
+    return shared
 
 
 class FusedLoraLinear(torch.autograd.Function):
     """``y = x W.T + b + sum_i s_i * (dropout_i(x) A_i.T) B_i.T (+ s_i * bias_i)``.
 
-    Inputs: ``x2d, weight, bias, fan_in_fan_out, scalings, ps, *lora`` with ``lora``
-    = ``(A_1, B_1, bias_1, A_2, ...)``. Saves ``x`` (only when a weight needs a
-    gradient), the ``(N, r)`` products ``x A.T`` and 1-byte dropout masks.
+    Inputs: ``x2d, weight, bias, fan_in_fan_out, scalings, ps, rebuild, *lora`` with
+    ``lora`` = ``(A_1, B_1, bias_1, A_2, ...)`` and ``rebuild`` an :class:`InputRebuild`
+    or None. Saves ``x`` (only when a weight needs a gradient, and not at all when
+    ``rebuild`` can form it again), the ``(N, r)`` products ``x A.T`` and 1-byte
+    dropout masks.
     """
 
+    LORA_AT = 7  # index of the first LoRA tensor among forward's inputs
+
     @staticmethod
-    def forward(ctx, x2d, weight, bias, fan_in_fan_out, scalings, ps, *lora):
-        adapters = [_Adapter(lora[3 * i], lora[3 * i + 1], lora[3 * i + 2], s, p) for i, (s, p) in enumerate(zip(scalings, ps))]
+    def forward(ctx, x2d, weight, bias, fan_in_fan_out, scalings, ps, rebuild, *lora):
+        n = len(scalings)
         y = _base_mm(x2d, weight, bias, fan_in_fan_out)
+        adapters = [_Adapter(lora[3 * i], lora[3 * i + 1], lora[3 * i + 2], scalings[i], ps[i]) for i in range(n)]
         xas, masks = _lora_forward_into(y, x2d, adapters, keep=True)
         needs = ctx.needs_input_grad
-        a_grad = any(needs[6 + 3 * i] for i in range(len(adapters)))
-        keep_x = x2d if (a_grad or needs[1]) else None
-        ctx.fan_in_fan_out, ctx.scalings, ctx.ps, ctx.n_adapters = fan_in_fan_out, scalings, ps, len(adapters)
+        keep_x = needs[1] or any(needs[FusedLoraLinear.LORA_AT + 3 * i] for i in range(n))
+        ctx.rebuild = rebuild if keep_x else None
+        factors = rebuild.join() if ctx.rebuild is not None else []
+        ctx.fan_in_fan_out, ctx.scalings, ctx.ps, ctx.n_adapters = fan_in_fan_out, scalings, ps, n
         ctx.has_mask = [m is not None for m in masks]
-        ctx.save_for_backward(keep_x, weight, *lora, *xas, *[m for m in masks if m is not None])
+        ctx.n_factors = len(factors)
+        ctx.save_for_backward(x2d if keep_x and ctx.rebuild is None else None, weight, *lora, *xas,
+                              *[m for m in masks if m is not None], *factors)
         return y
 
     @staticmethod
@@ -218,8 +372,11 @@ class FusedLoraLinear(torch.autograd.Function):
         x2d, weight = saved[0], saved[1]
         lora = saved[2 : 2 + 3 * n]
         xas = saved[2 + 3 * n : 2 + 4 * n]
-        mask_iter = iter(saved[2 + 4 * n :])
+        n_masks = sum(ctx.has_mask)
+        mask_iter = iter(saved[2 + 4 * n : 2 + 4 * n + n_masks])
         masks = [next(mask_iter) if has else None for has in ctx.has_mask]
+        if ctx.rebuild is not None:
+            x2d = ctx.rebuild.take(saved[len(saved) - ctx.n_factors :])
         needs = ctx.needs_input_grad
         dy = dy.contiguous()
 
@@ -231,19 +388,20 @@ class FusedLoraLinear(torch.autograd.Function):
         if needs[2]:
             db = dy.sum(0)
         grads = []
+        at = FusedLoraLinear.LORA_AT
         for i in range(n):
-            A, B, bias = lora[3 * i], lora[3 * i + 1], lora[3 * i + 2]
-            s, p, mask, xa = ctx.scalings[i], ctx.ps[i], masks[i], xas[i]
-            want_a, want_b, want_bias = needs[6 + 3 * i], needs[7 + 3 * i], needs[8 + 3 * i]
+            A, bias = lora[3 * i], lora[3 * i + 2]
+            s, p, mask = ctx.scalings[i], ctx.ps[i], masks[i]
+            want_a, want_b, want_bias = needs[at + 3 * i], needs[at + 3 * i + 1], needs[at + 3 * i + 2]
             g = None
             if want_a or needs[0]:
-                g = _scaled_mm(dy, B, s)  # gradient w.r.t. dropout(x) A.T, (N, r)
+                g = _scaled_mm(dy, lora[3 * i + 1], s)  # gradient w.r.t. dropout(x) A.T, (N, r)
             dA = dB = dbias = None
             if want_a:
                 xd = x2d if mask is None else torch.ops.aten.native_dropout_backward(x2d, mask, 1.0 / (1.0 - p))
                 dA = torch.mm(g.t(), xd)
             if want_b:
-                dB = _scaled_mm(dy.t(), xa, s)
+                dB = _scaled_mm(dy.t(), xas[i], s)
             if want_bias and bias is not None:
                 dbias = dy.sum(0).mul_(s)
             if needs[0]:
@@ -252,21 +410,24 @@ class FusedLoraLinear(torch.autograd.Function):
                 else:
                     dx.add_(_undropout(torch.mm(g, A), mask, p))
             grads += [dA, dB, dbias]
-        return (dx, dw, db, None, None, None, *grads)
+        return (dx, dw, db, None, None, None, None, *grads)
 
 
 def linear_forward(layer, x: torch.Tensor):
     """Base + every active adapter of a LoRA ``Linear`` in one pass, or None (use the plain path)."""
-    if not _input_ok(x) or not _fast_context_ok(x):
+    if not _input_ok(x):
         return None
-    base = _base_tensors(layer, x)
+    dtype, device = x.dtype, x.device
+    if not _fast_context_ok(device):
+        return None
+    base = _base_tensors(layer, dtype, device)
     if base is None:
         return None
     weight, bias, fan_in_fan_out = base
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     if x.shape[-1] != in_features:
         return None
-    adapters = _active_adapters(layer, x)
+    adapters = _active_adapters(layer, dtype, device)
     if adapters is None:
         return None
     out_shape = x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],)
@@ -282,11 +443,10 @@ def linear_forward(layer, x: torch.Tensor):
     lora = []
     for ad in adapters:
         lora += [ad.A, ad.B, ad.bias]
-    tensors = [x, weight, bias, *lora]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora)):
         scalings = tuple(ad.scaling for ad in adapters)
         ps = tuple(ad.p for ad in adapters)
-        y = FusedLoraLinear.apply(x2d, weight, bias, fan_in_fan_out, scalings, ps, *lora)
+        y = FusedLoraLinear.apply(x2d, weight, bias, fan_in_fan_out, scalings, ps, input_rebuild(x, in_features), *lora)
     else:
         y = _base_mm(x2d, weight, bias, fan_in_fan_out)
         _lora_forward_into(y, x2d, adapters, keep=False)
@@ -318,7 +478,7 @@ def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: 
     in the plain path. Ranks may differ: A and B are zero-padded to the largest rank,
     which adds exact zeros.
     """
-    if not _input_ok(x) or not _fast_context_ok(x) or type(result) is not torch.Tensor or x.dim() < 2:
+    if not _input_ok(x) or not _fast_context_ok(x.device) or type(result) is not torch.Tensor or x.dim() < 2:
         return None
     if result.dtype != x.dtype or result.shape[0] != x.shape[0]:
         return None
@@ -327,22 +487,13 @@ def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: 
         return result
     As, Bs, biases, scalings = [], [], [], []
     for name in names:
-        if layer.use_dora.get(name):
-            return None
-        lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or _has_hooks(lora_A) or _has_hooks(lora_B):
-            return None
-        if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)):
+        adapter = _adapter(layer, name, x.dtype, x.device)
+        if adapter is None or adapter.p:
             return None  # a training-mode dropout draws random masks: the plain path keeps its RNG order
-        A, B = lora_A.weight, lora_B.weight
-        if not (_plain_tensor(A) and _plain_tensor(B) and _plain_tensor(lora_B.bias)):
-            return None
-        if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (A, B, lora_B.bias)):
-            return None
-        As.append(A)
-        Bs.append(B)
-        biases.append(lora_B.bias)
-        scalings.append(float(layer.scaling[name]))
+        As.append(adapter.A)
+        Bs.append(adapter.B)
+        biases.append(adapter.bias)
+        scalings.append(adapter.scaling)
     in_features, out_features = As[0].shape[1], Bs[0].shape[0]
     if x.shape[-1] != in_features or result.shape[-1] != out_features:
         return None
