@@ -90,7 +90,7 @@ def _variants(triton_ok: bool):
         return F.linear(x, W) + F.linear(F.linear(x, A), B) * s
 
     def torch_fused(x, W, A, B, s):
-        return fast.FusedLoraLinear.apply(x, W, None, False, (s,), (0.0,), A, B, None)
+        return fast.FusedLoraLinear.apply(x, W, None, False, (s,), (0.0,), None, A, B, None)
 
     def triton(x, W, A, B, s):
         return kernels.TritonLoraLinear.apply(x, W, None, A, B, None, False, s, 0.0)

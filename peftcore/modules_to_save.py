@@ -84,3 +84,39 @@ class ModulesToSaveWrapper(nn.Module):
     def unwrapped(self) -> nn.Module:
         """The module to put back when the adapter is unloaded: the active copy, or the original."""
         return self.active_module
+
+
+def saved_module_wrappers(model: nn.Module) -> list[ModulesToSaveWrapper]:
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def wrap_modules_to_save(model: nn.Module, names: list[str] | None, adapter_name: str, modules=None) -> None:
+    """Give adapter ``adapter_name`` its own trainable copy of each module named in ``names``.
+
+    PEFT's rule: the dotted path equals a name or ends with ``.name``. ``modules``
+    ((key, module) pairs) replaces ``model.named_modules()`` where the caller has a
+    cheaper walk; copies already made for other adapters are never wrapped again.
+    """
+    if not names:
+        return
+    for key, module in list(model.named_modules() if modules is None else modules):
+        if not key or not any(key == n or key.endswith(f".{n}") for n in names):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+            continue
+        if ".modules_to_save." in key or key.endswith(".original_module") or ".original_module." in key:
+            continue
+        _set_submodule(model, key, ModulesToSaveWrapper(module, adapter_name))
+
+
+def unwrap_modules_to_save(model: nn.Module) -> None:
+    """Put back the original modules where no adapter copy is left."""
+    for key, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
+            _set_submodule(model, key, module.original_module)
+
+
+def _set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:
+    parent_name, _, child = key.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

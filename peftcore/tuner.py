@@ -14,7 +14,7 @@ from torch import nn
 
 from peftcore import matching
 from peftcore.layer import AdapterLayer
-from peftcore.modules_to_save import ModulesToSaveWrapper
+from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from peftcore.plugins import hooks, method_for_config, pick_layer_support
 
 
@@ -155,16 +155,7 @@ class AdapterModel(nn.Module):
         names = getattr(config, "modules_to_save", None)
         if not names:
             return
-        for key, module in list(walk_modules(self.model)):
-            if not key or not any(key == n or key.endswith(f".{n}") for n in names):
-                continue
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-                continue
-            if ".modules_to_save." in key or key.endswith(".original_module") or ".original_module." in key:
-                continue
-            parent, child = _parent_and_name(self.model, key)
-            setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+        wrap_modules_to_save(self.model, names, adapter_name, modules=walk_modules(self.model))
         for _, wrapper in self.saved_module_wrappers():
             wrapper.set_adapter(self._first_active())
 

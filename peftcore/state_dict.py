@@ -1,0 +1,76 @@
+"""PEFT's in-memory state-dict functions: an adapter's tensors under their file names, and back.
+
+``get_peft_model_state_dict`` gives what ``save_pretrained`` writes (keys without the
+adapter name); ``set_peft_model_state_dict`` loads such a dict into an existing
+adapter. Both go through the same hooks as saving and loading files, so a plugin's
+own naming rules apply here too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.nn.modules.module import _IncompatibleKeys
+
+from peftcore.plugins import hooks
+from peftcore.serialization import disk_key
+
+
+def _adapter_config(model, adapter_name: str):
+    from peftcore.peft_model import PeftModel
+
+    if not isinstance(model, PeftModel):  # peft's own PeftModel included: its layers are not peftcore's
+        raise TypeError(f"expected a peftcore PeftModel, got {type(model).__module__}.{type(model).__name__}")
+    configs = model.peft_config
+    if adapter_name not in configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
+    return configs[adapter_name]
+
+
+def get_peft_model_state_dict(model, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default",
+                              unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s tensors keyed as in ``adapter_model.safetensors``.
+
+    With ``state_dict`` (a full ``model.state_dict()``, e.g. gathered by DeepSpeed) the
+    values are taken from it where it has them; tensors a method computes (prompt
+    learning's prompt table) come from the model. ``unwrap_compiled`` unwraps a
+    ``torch.compile`` wrapper; ``save_embedding_layers`` is accepted for PEFT's
+    signature: peftcore never adds embedding layers on its own.
+    """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    config = _adapter_config(model, adapter_name)
+    own = hooks.adapter_state_dict(model=model, config=config, adapter_name=adapter_name)
+    if state_dict is None:
+        return own
+    given = {}
+    for key, tensor in state_dict.items():
+        name = disk_key(key, adapter_name, config)
+        if name is not None:
+            given[name] = tensor
+    # the method decides which tensors an adapter has; the caller's dict supplies their values
+    return {name: given.get(name, tensor) for name, tensor in own.items()}
+
+
+def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
+                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False) -> _IncompatibleKeys:
+    """Copy file-named tensors into adapter ``adapter_name``; returns the missing and unexpected keys.
+
+    A tensor whose shape differs from the adapter's raises ``AdapterFileError`` naming
+    it, before any weight changes; with ``ignore_mismatched_sizes=True`` such tensors
+    are skipped with a warning instead. Keys are file names (no adapter name), so
+    unlike PEFT the missing keys list only this adapter's tensors, not the base model's.
+    ``low_cpu_mem_usage`` is accepted for PEFT's signature: the adapter exists already,
+    so there is nothing to allocate lazily.
+    """
+    config = _adapter_config(model, adapter_name)
+    tensors = dict(peft_model_state_dict)
+    if ignore_mismatched_sizes:
+        own = hooks.adapter_state_dict(model=model, config=config, adapter_name=adapter_name)
+        mismatched = [k for k, t in tensors.items() if k in own and tuple(own[k].shape) != tuple(t.shape)]
+        for key in mismatched:
+            warnings.warn(f"{key}: shape {tuple(tensors.pop(key).shape)} in the state dict, {tuple(own[key].shape)} in "
+                          f"adapter {adapter_name!r}; skipped (ignore_mismatched_sizes=True)", stacklevel=2)
+    missing, unexpected = hooks.load_adapter_state_dict(model=model, config=config, adapter_name=adapter_name, state_dict=tensors)
+    return _IncompatibleKeys(list(missing), list(unexpected))

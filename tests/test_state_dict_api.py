@@ -1,0 +1,103 @@
+"""get_peft_model_state_dict / set_peft_model_state_dict against peft's own functions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peftcore import AdapterFileError, LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peftcore.testing import tiny_model
+
+peft = pytest.importorskip("peft")
+
+CONFIG = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+
+
+def _randomize(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+@pytest.fixture
+def pair():
+    base, inputs = tiny_model("llama")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**CONFIG), adapter_name="other")
+    ours = get_peft_model(base, LoraConfig(**CONFIG), adapter_name="other")
+    return ours, theirs, inputs
+
+
+def test_get_gives_peft_keys_and_values(pair):
+    ours, theirs, _ = pair
+    _randomize(ours, 0)
+    theirs.load_state_dict(ours.state_dict())
+    mine = get_peft_model_state_dict(ours, adapter_name="other")
+    reference = peft.get_peft_model_state_dict(theirs, adapter_name="other")
+    assert sorted(mine) == sorted(reference) and len(mine) == 2 * 7 * 2
+    for key in reference:
+        assert torch.equal(mine[key], reference[key]), key
+
+
+def test_set_loads_peft_tensors_and_reports_keys(pair):
+    ours, theirs, inputs = pair
+    _randomize(theirs, 1)
+    result = set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs, adapter_name="other"), adapter_name="other")
+    assert result.unexpected_keys == [] and result.missing_keys == []
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
+
+    partial = dict(list(peft.get_peft_model_state_dict(theirs, adapter_name="other").items())[:3])
+    partial["base_model.model.nowhere.lora_A.weight"] = torch.zeros(1)
+    result = set_peft_model_state_dict(ours, partial, adapter_name="other")
+    assert result.unexpected_keys == ["base_model.model.nowhere.lora_A.weight"]
+    assert len(result.missing_keys) == 2 * 7 * 2 - 3
+
+
+def test_state_dict_argument_supplies_the_values(pair):
+    ours, _, _ = pair
+    _randomize(ours, 2)
+    full = {k: v.clone() * 2 for k, v in ours.state_dict().items()}
+    doubled = get_peft_model_state_dict(ours, state_dict=full, adapter_name="other")
+    plain = get_peft_model_state_dict(ours, adapter_name="other")
+    assert sorted(doubled) == sorted(plain)
+    for key in plain:
+        torch.testing.assert_close(doubled[key], plain[key] * 2)
+
+
+def test_bad_input_is_named(pair):
+    ours, _, _ = pair
+    tensors = get_peft_model_state_dict(ours, adapter_name="other")
+    key = next(k for k in tensors if "lora_A" in k)
+    before = {k: v.clone() for k, v in tensors.items()}
+    wrong = {**tensors, key: torch.zeros(3, 3)}
+    with pytest.raises(AdapterFileError, match="lora_A"):
+        set_peft_model_state_dict(ours, wrong, adapter_name="other")
+    after = get_peft_model_state_dict(ours, adapter_name="other")
+    assert all(torch.equal(after[k], before[k]) for k in before)  # nothing was half-loaded
+    with pytest.warns(UserWarning, match="ignore_mismatched_sizes"):
+        result = set_peft_model_state_dict(ours, wrong, adapter_name="other", ignore_mismatched_sizes=True)
+    assert result.missing_keys == [key]
+    with pytest.raises(ValueError, match="'default'.*other"):
+        get_peft_model_state_dict(ours)
+    with pytest.raises(TypeError, match="PeftModel"):
+        get_peft_model_state_dict(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="peft.*PeftModel"):
+        set_peft_model_state_dict(pair[1], tensors, adapter_name="other")  # peft's model, not ours
+
+
+def test_prompt_tuning_state_dict_matches_peft():
+    from peftcore import PromptTuningConfig
+
+    base, _ = tiny_model("llama")
+    ours = get_peft_model(copy.deepcopy(base), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    theirs = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    peft.set_peft_model_state_dict(theirs, get_peft_model_state_dict(ours))
+    mine, reference = get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert sorted(mine) == sorted(reference) == ["prompt_embeddings"]
+    assert torch.equal(mine["prompt_embeddings"], reference["prompt_embeddings"])
