@@ -450,3 +450,12 @@ def test_inputs_are_kept_when_they_cannot_be_rebuilt():
     with torch.no_grad():
         b.mul_(1.0)  # bumps b's version: autograd's copy of the factor is stale
     assert fast.input_recipe(changed) is None
+
+
+@pytest.mark.parametrize("a, b", [((3, 1, 5), (4, 5)), ((), (2,)), ((2, 3), (3, 2)), ((1,), (7, 1)), ((2, 1), (1, 2, 3))])
+def test_recipe_shape_rule_is_torchs_broadcasting(a, b):
+    try:
+        expected = tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        expected = None
+    assert fast._broadcast(a, b) == expected
