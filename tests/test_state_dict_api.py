@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from peftcore import AdapterFileError, LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peftcore.testing import tiny_model
+from peftcore.testing import perturb, tiny_model
 
 peft = pytest.importorskip("peft")
 
 CONFIG = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-
-
-def _randomize(model, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
 @pytest.fixture
@@ -33,7 +25,7 @@ def pair():
 
 def test_get_gives_peft_keys_and_values(pair):
     ours, theirs, _ = pair
-    _randomize(ours, 0)
+    perturb(ours, seed=0, scale=0.1)
     theirs.load_state_dict(ours.state_dict())
     mine = get_peft_model_state_dict(ours, adapter_name="other")
     reference = peft.get_peft_model_state_dict(theirs, adapter_name="other")
@@ -44,7 +36,7 @@ def test_get_gives_peft_keys_and_values(pair):
 
 def test_set_loads_peft_tensors_and_reports_keys(pair):
     ours, theirs, inputs = pair
-    _randomize(theirs, 1)
+    perturb(theirs, seed=1, scale=0.1)
     result = set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs, adapter_name="other"), adapter_name="other")
     assert result.unexpected_keys == [] and result.missing_keys == []
     ours.eval()
@@ -61,7 +53,7 @@ def test_set_loads_peft_tensors_and_reports_keys(pair):
 
 def test_state_dict_argument_supplies_the_values(pair):
     ours, _, _ = pair
-    _randomize(ours, 2)
+    perturb(ours, seed=2, scale=0.1)
     full = {k: v.clone() * 2 for k, v in ours.state_dict().items()}
     doubled = get_peft_model_state_dict(ours, state_dict=full, adapter_name="other")
     plain = get_peft_model_state_dict(ours, adapter_name="other")
