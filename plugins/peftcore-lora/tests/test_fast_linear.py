@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftcore import LoraConfig, get_peft_model
 from peftcore.testing import tiny_model
-from peftcore_lora import fast
+from peftcore_lora import fast, rebuild
 from peftcore_lora.layer import Linear as LoraLinear
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -397,14 +397,14 @@ def test_inputs_rebuilt_from_product_factors_give_identical_gradients(dropout, m
     model = _gated_model(dropout)
     x = torch.randn(3, 5, 12, requires_grad=True)
     rebuilds = []
-    original = fast.input_rebuild
-    monkeypatch.setattr(fast, "input_rebuild", lambda t, n: rebuilds.append(original(t, n)) or rebuilds[-1])
+    original = rebuild.input_rebuild
+    monkeypatch.setattr(rebuild, "input_rebuild", lambda t, n: rebuilds.append(original(t, n)) or rebuilds[-1])
     rebuilt = _run(model, x, 4, monkeypatch, True)
     assert counting["fused"] == 3
     gate, up, down = rebuilds  # gate/up: the norm's product, one rebuild for both; down: act(gate) * up
     assert gate is up and down is not None and down is not gate
     assert gate.pending == down.pending == 0 and gate.value is None  # nothing held after backward
-    monkeypatch.setattr(fast, "input_rebuild", lambda t, n: None)
+    monkeypatch.setattr(rebuild, "input_rebuild", lambda t, n: None)
     kept = _run(model, x, 4, monkeypatch, True)
     assert torch.equal(rebuilt[0], kept[0]) and torch.equal(rebuilt[1], kept[1])
     assert sorted(rebuilt[2]) == sorted(kept[2]) and len(kept[2]) == 6
@@ -428,7 +428,7 @@ def test_rebuilt_input_is_not_kept_alive(monkeypatch):
     assert seen[-1]() is None
     out.sum().backward()
 
-    monkeypatch.setattr(fast, "input_rebuild", lambda t, n: None)
+    monkeypatch.setattr(rebuild, "input_rebuild", lambda t, n: None)
     out = model(x)
     assert seen[-1]() is not None  # kept when it cannot be rebuilt
     out.sum().backward()
@@ -438,18 +438,18 @@ def test_inputs_are_kept_when_they_cannot_be_rebuilt():
     a = torch.randn(4, 6, requires_grad=True)
     b = torch.randn(4, 6, requires_grad=True)
     product = a * b
-    assert fast.input_recipe(product) is not None
-    assert fast.input_recipe(torch.tanh(product)) is None  # not a product
-    assert fast.input_recipe(product * 2.0) is None  # a scalar factor autograd does not keep as a tensor
-    assert fast.input_recipe(product[:2]) is None  # a view
-    assert fast.input_recipe(a) is None  # a leaf
+    assert rebuild.input_recipe(product) is not None
+    assert rebuild.input_recipe(torch.tanh(product)) is None  # not a product
+    assert rebuild.input_recipe(product * 2.0) is None  # a scalar factor autograd does not keep as a tensor
+    assert rebuild.input_recipe(product[:2]) is None  # a view
+    assert rebuild.input_recipe(a) is None  # a leaf
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         hooked = a * b
-        assert fast.input_recipe(hooked) is None  # reading the factors would run the unpack hook
+        assert rebuild.input_recipe(hooked) is None  # reading the factors would run the unpack hook
     changed = a * b
     with torch.no_grad():
         b.mul_(1.0)  # bumps b's version: autograd's copy of the factor is stale
-    assert fast.input_recipe(changed) is None
+    assert rebuild.input_recipe(changed) is None
 
 
 @pytest.mark.parametrize("a, b", [((3, 1, 5), (4, 5)), ((), (2,)), ((2, 3), (3, 2)), ((1,), (7, 1)), ((2, 1), (1, 2, 3))])
@@ -458,4 +458,4 @@ def test_recipe_shape_rule_is_torchs_broadcasting(a, b):
         expected = tuple(torch.broadcast_shapes(a, b))
     except RuntimeError:
         expected = None
-    assert fast._broadcast(a, b) == expected
+    assert rebuild._broadcast(a, b) == expected
