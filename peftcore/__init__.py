@@ -23,8 +23,8 @@ from peftcore.peft_model import (  # noqa: E402
     get_peft_model,
 )
 from peftcore.plugins import hookimpl, register_plugin, unregister_plugin  # noqa: E402
-from peftcore.serialization import AdapterFileError  # noqa: E402
-from peftcore.state_dict import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from peftcore.serialization import AdapterFileError, get_peft_config  # noqa: E402
+from peftcore.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict  # noqa: E402
 from peftcore.training import prepare_model_for_kbit_training  # noqa: E402
 
 
@@ -47,6 +47,6 @@ __all__ = [
     "AdapterFileError", "AdapterLayer", "LayerConfig", "LayerSupport", "Method", "ModelAdapter", "ModulesToSaveWrapper",
     "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType",
-    "TaskType", "get_peft_model", "get_peft_model_state_dict", "hookimpl", "prepare_model_for_kbit_training",
-    "register_plugin", "set_peft_model_state_dict", "unregister_plugin",
+    "TaskType", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl", "load_peft_weights",
+    "prepare_model_for_kbit_training", "register_plugin", "set_peft_model_state_dict", "unregister_plugin",
 ]

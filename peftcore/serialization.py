@@ -77,6 +77,11 @@ def config_from_dict(data: dict) -> PeftConfig:
     return hooks.config_from_dict(data=dict(data))
 
 
+def get_peft_config(config_dict: dict) -> PeftConfig:
+    """PEFT's name for building a config from a dict like ``adapter_config.json`` (validated)."""
+    return config_from_dict(config_dict)
+
+
 def _is_local(path: str | os.PathLike) -> bool:
     return os.path.isdir(path)
 

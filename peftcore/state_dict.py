@@ -1,20 +1,23 @@
-"""PEFT's in-memory state-dict functions: an adapter's tensors under their file names, and back.
+"""PEFT's functions for an adapter's tensors under their file names.
 
 ``get_peft_model_state_dict`` gives what ``save_pretrained`` writes (keys without the
 adapter name); ``set_peft_model_state_dict`` loads such a dict into an existing
-adapter. Both go through the same hooks as saving and loading files, so a plugin's
-own naming rules apply here too.
+adapter; ``load_peft_weights`` reads one from a folder or the Hub. The first two go
+through the same hooks as saving and loading files, so a plugin's own naming rules
+apply here too.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
 from peftcore.plugins import hooks
-from peftcore.serialization import disk_key
+from peftcore.serialization import disk_key, load_weights
 
 
 def _adapter_config(model, adapter_name: str):
@@ -74,3 +77,31 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
                           f"adapter {adapter_name!r}; skipped (ignore_mismatched_sizes=True)", stacklevel=2)
     missing, unexpected = hooks.load_adapter_state_dict(model=model, config=config, adapter_name=adapter_name, state_dict=tensors)
     return _IncompatibleKeys(list(missing), list(unexpected))
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: str | None = None, key_mapping: dict[str, str] | None = None,
+                      allow_pickle: bool = False, **hf_hub_download_kwargs) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors`` in a folder or Hub repo, keyed as in the file.
+
+    ``key_mapping`` renames keys as PEFT does for transformers' renamed architectures:
+    with the ``base_model.model.`` (or ``base_model.``) prefix set aside, the first
+    pattern that matches (``re.sub``) wins. Keys without such a prefix are left alone.
+    ``device`` defaults to the CPU; a pickle file is read only with ``allow_pickle=True``.
+    """
+    subfolder = hf_hub_download_kwargs.pop("subfolder", None)
+    tensors = load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, device=device or "cpu",
+                           **hf_hub_download_kwargs)
+    if not key_mapping:
+        return tensors
+    remapped = {}
+    for key, tensor in tensors.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        rest = key[len(prefix):]
+        if prefix:
+            for pattern, replacement in key_mapping.items():
+                renamed, count = re.subn(pattern, replacement, rest)
+                if count:
+                    rest = renamed
+                    break
+        remapped[prefix + rest] = tensor
+    return remapped

@@ -1,4 +1,4 @@
-"""get_peft_model_state_dict / set_peft_model_state_dict against peft's own functions."""
+"""get_/set_peft_model_state_dict, load_peft_weights and get_peft_config against peft's own functions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import copy
 import pytest
 import torch
 
-from peftcore import AdapterFileError, LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peftcore import (
+    AdapterFileError,
+    LoraConfig,
+    get_peft_config,
+    get_peft_model,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from peftcore.testing import perturb, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -93,3 +101,29 @@ def test_prompt_tuning_state_dict_matches_peft():
     mine, reference = get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
     assert sorted(mine) == sorted(reference) == ["prompt_embeddings"]
     assert torch.equal(mine["prompt_embeddings"], reference["prompt_embeddings"])
+
+
+def test_load_peft_weights_reads_what_peft_reads(pair, tmp_path):
+    _, theirs, _ = pair
+    perturb(theirs, seed=3, scale=0.1)
+    theirs.save_pretrained(tmp_path, selected_adapters=["other"])
+    folder = tmp_path / "other"
+    mine, reference = load_peft_weights(str(folder)), peft.load_peft_weights(str(folder), device="cpu")
+    assert sorted(mine) == sorted(reference) and len(mine) == 2 * 7 * 2
+    assert all(torch.equal(mine[k], reference[k]) for k in reference)
+
+    mapping = {r"^model\.layers": "model.blocks"}
+    mine = load_peft_weights(str(folder), key_mapping=mapping)
+    reference = peft.load_peft_weights(str(folder), device="cpu", key_mapping=mapping)
+    assert sorted(mine) == sorted(reference) and any(".blocks." in k for k in mine)
+    with pytest.raises(AdapterFileError, match="nowhere: no such adapter folder"):
+        load_peft_weights(str(tmp_path / "nowhere"))
+
+
+def test_get_peft_config_builds_peft_configs():
+    data = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM").to_dict()
+    config = get_peft_config(data)
+    assert isinstance(config, LoraConfig) and config.r == 8 and config.lora_alpha == 16
+    assert set(config.target_modules) == {"q_proj", "v_proj"} and str(config.task_type) == "CAUSAL_LM"
+    with pytest.raises(AdapterFileError, match="peft_type"):
+        get_peft_config({"r": 8})
