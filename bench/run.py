@@ -369,7 +369,7 @@ def merge(reports: list[dict]) -> dict:
               "finished": reports[-1]["finished"], "load_before": reports[0]["load_before"], "load_after": reports[-1]["load_after"]}
     for report in reports:
         merged["sections"].update(report["sections"])
-    merged["command"] = " ; ".join(r["command"].replace("python bench/run.py ", "python bench/run.py ", 1) for r in reports)
+    merged["command"] = " ; ".join(r["command"] for r in reports)
     merged["runs"] = [{"command": r["command"], "started": r["started"], "finished": r["finished"],
                        "load_before": r["load_before"], "load_after": r["load_after"], "sections": sorted(r["sections"])}
                       for r in reports]

@@ -14,8 +14,7 @@ from torch import nn
 from peftcore import serialization
 from peftcore.config import PeftConfig, TaskType
 from peftcore.layer import AdapterLayer
-from peftcore.modules_to_save import saved_module_wrappers, unwrap_modules_to_save, wrap_modules_to_save
-from peftcore.modules_to_save import ModulesToSaveWrapper
+from peftcore.modules_to_save import ModulesToSaveWrapper, saved_module_wrappers, unwrap_modules_to_save, wrap_modules_to_save
 from peftcore.plugins import hooks, method_for_config
 from peftcore.training import enable_input_grads
 from peftcore.tuner import AdapterModel, walk_modules

@@ -136,12 +136,10 @@ def segmented_lora(x3, As, Bs, biases, scalings, picks):
     from peftcore_lora.fast import _stack_padded
     from peftcore_lora.kernels import triton_lora as tk
 
-    from peftcore_lora.kernels.triton_lora import MAX_RANK
-
-    if max(A.shape[0] for A in As) > MAX_RANK:
+    r_max = max(A.shape[0] for A in As)
+    if r_max > tk.MAX_RANK:
         return None
     try:
-        r_max = max(A.shape[0] for A in As)
         A_st = _stack_padded(As, 0, r_max)  # (K, r, in)
         B_st = _stack_padded(Bs, 1, r_max)  # (K, out, r)
         idx = torch.tensor(picks, dtype=torch.int32, device=x3.device)
