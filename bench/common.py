@@ -37,7 +37,7 @@ def lora_config(lib: str, **overrides):
 
 
 def model_dir() -> str:
-    from peftcore.assets import smollm2_dir
+    from peftcore.cli.assets import smollm2_dir
 
     return str(smollm2_dir())
 

@@ -214,7 +214,7 @@ def markdown(report: dict) -> str:
         "Machine: " + f"{env['cpu']}, {env['cores']} cores, {env['memory']}; torch.set_num_threads({env['torch threads']}), fp32.",
         "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "peft", "peftcore", "peftcore-lora", "triton")),
         "",
-        "Model: SmolLM2-135M (peftcore.assets.smollm2_dir()), LoRA r=16, alpha=32, dropout 0, target_modules=\"all-linear\" "
+        "Model: SmolLM2-135M (peftcore.cli.assets.smollm2_dir()), LoRA r=16, alpha=32, dropout 0, target_modules=\"all-linear\" "
         "(210 layers). Each figure: median over all repetitions of all rounds, each library in a fresh process "
         "that also holds a frozen copy of the base model. " + RATIO_NOTE,
         "",

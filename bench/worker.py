@@ -190,15 +190,15 @@ def ops(args) -> dict:
             gc.collect()
             model = common.load_model()
             config = common.lora_config(lib)
-            record("attach", lambda: get_peft_model(model, config))
+            record("attach", lambda model=model, config=config: get_peft_model(model, config))
             del model
             gc.collect()
             model = common.load_model()
             holder = {}
-            record("load", lambda: holder.setdefault("m", PeftModel.from_pretrained(model, tmp)))
+            record("load", lambda holder=holder, model=model: holder.setdefault("m", PeftModel.from_pretrained(model, tmp)))
             loaded = holder["m"]
 
-            def hotswap():
+            def hotswap(loaded=loaded):
                 loaded.load_adapter(tmp, adapter_name="second")
                 loaded.set_adapter("second")
 
@@ -212,7 +212,7 @@ def ops(args) -> dict:
             peft_model = _wrap(common.load_model(), lib)
             for i in range(2, 17):
                 config = common.lora_config(lib)
-                wall, cpu = common.timed_both(lambda: peft_model.add_adapter(f"a{i}", config))
+                wall, cpu = common.timed_both(lambda peft_model=peft_model, i=i, config=config: peft_model.add_adapter(f"a{i}", config))
                 if i in (2, 16):
                     op = "add_2nd" if i == 2 else "add_16th"
                     results[op]["wall"].append(wall)

@@ -4,15 +4,16 @@ Config classes (``LoraConfig``, ``IA3Config``, ...) come from the installed
 plugins; ``from peftcore import LoraConfig`` finds them by name.
 """
 
-__version__ = "0.1.0"
-HOOKSPEC_VERSION = 1
+import warnings
 
-from peftcore.config import LayerConfig, PeftConfig, PeftType, TaskType  # noqa: E402
-from peftcore.layer import AdapterLayer  # noqa: E402
-from peftcore.method import LayerSupport, Method  # noqa: E402
-from peftcore.model_adapter import ModelAdapter  # noqa: E402
-from peftcore.modules_to_save import ModulesToSaveWrapper  # noqa: E402
-from peftcore.peft_model import (  # noqa: E402
+from peftcore.config import LayerConfig, PeftConfig, PeftType, TaskType, get_peft_config
+from peftcore.files import AdapterFileError
+from peftcore.input_adapter import InputAdapter
+from peftcore.layer import BASE_ADAPTER, AdapterLayer
+from peftcore.layer_tuner import LayerTuner
+from peftcore.method import LayerSupport, Method
+from peftcore.modules_to_save import ModulesToSaveWrapper
+from peftcore.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -22,16 +23,23 @@ from peftcore.peft_model import (  # noqa: E402
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from peftcore.plugins import hookimpl, register_plugin, unregister_plugin  # noqa: E402
-from peftcore.serialization import AdapterFileError, get_peft_config  # noqa: E402
-from peftcore.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict  # noqa: E402
-from peftcore.training import prepare_model_for_kbit_training  # noqa: E402
+from peftcore.plugins import hookimpl, register_plugin, unregister_plugin
+from peftcore.preparation import prepare_model_for_kbit_training
+from peftcore.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from peftcore.version import HOOKSPEC_VERSION, __version__
+
+# Names of hookspec version 1, kept for plugins written against it.
+_RENAMED = {"ModelAdapter": InputAdapter}
 
 
 def __getattr__(name: str):
     """Resolve method exports (``LoraConfig``, ``LoraModel``...) from the installed plugins."""
     from peftcore.plugins import get_plugin_manager, methods, no_methods_hint
 
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"peftcore.{name} is now peftcore.{new.__name__}", DeprecationWarning, stacklevel=2)
+        return new
     for plugin in get_plugin_manager().get_plugins():
         exported = getattr(plugin, "__all__", ())
         if name in exported:
@@ -44,9 +52,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AdapterFileError", "AdapterLayer", "LayerConfig", "LayerSupport", "Method", "ModelAdapter", "ModulesToSaveWrapper",
-    "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
-    "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType",
-    "TaskType", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl", "load_peft_weights",
+    "BASE_ADAPTER", "HOOKSPEC_VERSION", "AdapterFileError", "AdapterLayer", "InputAdapter", "LayerConfig",
+    "LayerSupport", "LayerTuner", "Method", "ModulesToSaveWrapper", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType", "__version__",
+    "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl", "load_peft_weights",
     "prepare_model_for_kbit_training", "register_plugin", "set_peft_model_state_dict", "unregister_plugin",
 ]

@@ -8,9 +8,13 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
-CONFIG_NAME = "adapter_config.json"
+from peftcore.files import CONFIG_NAME, AdapterFileError, resolve_file, write_text_atomic
+from peftcore.plugins import get_method, hooks, methods, no_methods_hint
+from peftcore.version import __version__
+
 # The PEFT release whose file format peftcore writes; PEFT reads the part before "@".
 PEFT_FORMAT_VERSION = "0.21.2"
 
@@ -45,8 +49,6 @@ class PeftType(str, enum.Enum):
 
 
 def _producer_version() -> str:
-    from peftcore import __version__
-
     return f"{PEFT_FORMAT_VERSION}@peftcore-{__version__}"
 
 
@@ -93,14 +95,10 @@ class PeftConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        from peftcore.serialization import write_config
-
         write_config(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> "PeftConfig":
-        from peftcore.serialization import read_config
-
         return read_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @classmethod
@@ -149,3 +147,49 @@ def json_ready(value: Any) -> Any:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+# -- adapter_config.json ---------------------------------------------------------
+
+
+def config_as_dict(config: PeftConfig) -> dict:
+    return json_ready(hooks.config_to_dict(config=config))
+
+
+def write_config(config: PeftConfig, save_directory: str | os.PathLike, inference_mode: bool = True) -> None:
+    data = config_as_dict(config)
+    data["inference_mode"] = inference_mode
+    write_text_atomic(Path(save_directory) / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
+
+
+def config_from_dict(data: dict) -> PeftConfig:
+    if "peft_type" not in data:
+        raise AdapterFileError(f"adapter config has no 'peft_type' (keys: {sorted(data)})")
+    if not methods():
+        raise AdapterFileError(f"adapter config has peft_type {data['peft_type']!r}. {no_methods_hint()}")
+    try:
+        get_method(data["peft_type"])
+    except ValueError as exc:
+        raise AdapterFileError(str(exc)) from None
+    return hooks.config_from_dict(data=dict(data))
+
+
+def get_peft_config(config_dict: dict) -> PeftConfig:
+    """PEFT's name for building a config from a dict like ``adapter_config.json`` (validated)."""
+    return config_from_dict(config_dict)
+
+
+def read_config(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> PeftConfig:
+    path = resolve_file(model_id, CONFIG_NAME, subfolder, required=True, **hub_kwargs)
+    where = os.path.join(str(model_id), subfolder or "")
+    if path is None:
+        raise AdapterFileError(f"{where}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data.pop("runtime_config", None)
+    return config_from_dict(data)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from peftcore import matching, serialization
-from peftcore.plugins import get_method, hookimpl
+from peftcore.plugins import get_method, hookimpl, hooks
 
 
 @hookimpl(trylast=True)
-def default_target_modules(config, model_type):
-    targets = matching.DEFAULT_ATTENTION_TARGETS.get(model_type)
-    return list(targets) if targets is not None else None
+def prepare_config(config, model):
+    def default_targets(model_type):
+        return hooks.default_target_modules(config=config, model_type=model_type)
+
+    matching.resolve_targets(config, model, default_targets)
 
 
 @hookimpl(trylast=True)

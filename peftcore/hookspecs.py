@@ -8,9 +8,13 @@ merges to the layer) are registered the same way, as the last resort
 (``trylast``), so a plugin overrides them simply by answering first.
 
 ``firstresult`` hooks stop at the first implementation that returns something
-other than ``None``: returning ``None`` means "not mine, ask the next one".
+other than ``None``: returning ``None`` means "not mine, ask the next one". The
+others call every implementation: check that the config or model is your
+method's and return quickly otherwise.
 
-Versioned by ``peftcore.HOOKSPEC_VERSION``; a breaking change bumps it.
+Versioned by ``peftcore.HOOKSPEC_VERSION`` (see :mod:`peftcore.version`). A
+function decorated with ``hookimpl`` whose name is not a hook below (a typo)
+makes the plugin fail to load, listed by ``peftcore list`` with the reason.
 """
 
 from __future__ import annotations
@@ -48,16 +52,31 @@ def register_layer_support(register: Callable[[LayerSupport], None]) -> None:
     add a layer type to any method (e.g. LoRA for ``bnb.nn.Linear4bit``). When
     several entries fit a module, the most specific wins: the one whose
     ``base_type`` is closest in the module's class hierarchy, then the higher
-    ``priority``.
+    ``priority``; on a full tie the later registration.
     """
 
 
-# 2. Matching ------------------------------------------------------------------
+# 2. Configs and matching --------------------------------------------------------
+
+
+@hookspec
+def prepare_config(config: PeftConfig, model: nn.Module) -> None:
+    """Complete ``config`` for ``model`` in place, before anything is wrapped.
+
+    Called for every new adapter, every implementation in turn; the core's runs
+    last and resolves ``target_modules`` (None: ``default_target_modules``; the
+    string "all-linear": every linear layer but the output head). A method fills
+    what it derives from the model here (IA3: ``feedforward_modules``).
+    """
 
 
 @hookspec(firstresult=True)
-def default_target_modules(config: PeftConfig, model_type: str) -> list[str] | None:
-    """Target module names for ``model_type`` when ``config.target_modules`` is None."""
+def default_target_modules(config: PeftConfig, model_type: str | None) -> list[str] | None:
+    """Target module names for ``model_type`` when ``config.target_modules`` is None.
+
+    Answer for your own config class only. The core has no table of its own: a
+    config no plugin answers for fails with a clear error asking for ``target_modules``.
+    """
 
 
 @hookspec(firstresult=True)
@@ -77,7 +96,7 @@ def is_target_module(config: PeftConfig, module_name: str, module: nn.Module, mo
 def create_model_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> nn.Module | None:
     """For methods that do not wrap layers (prompt, prefix tuning): the adapter.
 
-    Return an :class:`~peftcore.model_adapter.ModelAdapter` that edits the model's
+    Return an :class:`~peftcore.input_adapter.InputAdapter` that edits the model's
     inputs before each forward and ``generate``. Layer-wrapping methods return None.
     """
 
@@ -88,7 +107,7 @@ def adapter_injected(model: nn.Module, config: PeftConfig, adapter_name: str) ->
 
     The place for whole-model follow-ups: which extra parameters train (LoRA's
     ``bias``), or per-model state such as AdaLoRA's rank allocator. ``model`` is
-    the :class:`~peftcore.tuner.AdapterModel`.
+    the :class:`~peftcore.layer_tuner.LayerTuner`.
     """
 
 
@@ -97,16 +116,32 @@ def process_model_output(model: nn.Module, output: Any) -> None:
     """Adjust, in place, what one forward pass of an adapted model returns.
 
     Called after every forward of a layer method's model (``PeftModel.forward``
-    runs the :class:`~peftcore.tuner.AdapterModel`, which calls this), with
-    ``model`` the ``AdapterModel`` and ``output`` what the wrapped model returned
+    runs the :class:`~peftcore.layer_tuner.LayerTuner`, which calls this), with
+    ``model`` the ``LayerTuner`` and ``output`` what the wrapped model returned
     (usually a transformers ``ModelOutput``). Edit ``output`` in place, e.g. add a
     regulariser to ``output["loss"]`` while ``model.training`` (AdaLoRA's
-    orthogonality term). Every implementation is called: check that ``model``
-    holds your method's adapters and return quickly otherwise.
+    orthogonality term).
     """
 
 
-# 4. Merging -------------------------------------------------------------------
+# 4. Training --------------------------------------------------------------------
+
+
+@hookspec
+def on_optimizer_step(model: nn.Module, step: int) -> None:
+    """Called after each optimizer step, while the gradients still exist.
+
+    ``model`` is the :class:`~peftcore.peft_model.PeftModel`; ``step`` counts the
+    steps completed before this one (0, 1, ...). Training loops call
+    ``peftcore.loop_hooks.optimizer_step_done(model, step)``: ``peftcore apply``'s loop
+    does, and so does the Trainer integration (``PeftTrainerMixin``, or
+    ``PeftcoreCallback`` on a stock ``Trainer``). AdaLoRA allocates ranks here.
+    A config field whose value is the number of optimizer steps of the whole run
+    says so with ``field(metadata={"run_length": True})``; the CLI fills it in.
+    """
+
+
+# 5. Merging -------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
@@ -114,7 +149,8 @@ def merge_layer(layer: nn.Module, adapter_names: list[str], safe_merge: bool) ->
     """Fold the adapters into ``layer``'s base weights; return True when done.
 
     The core's default calls ``layer.merge(...)``; answer first to merge a layer
-    type differently (e.g. dequantise, add, re-quantise and report the error).
+    type differently (e.g. dequantise, call ``layer.merged_params(...)``,
+    re-quantise and report the error).
     """
 
 
@@ -125,18 +161,19 @@ def unmerge_layer(layer: nn.Module) -> bool | None:
 
 @hookspec(firstresult=True)
 def combine_adapters(
-    model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, options: dict[str, Any]
+    model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
+    options: dict[str, Any],
 ) -> bool | None:
     """Build adapter ``adapter_name`` out of several existing ones (weighted merge, fusion).
 
-    ``model`` is the :class:`~peftcore.tuner.AdapterModel`; the core has checked
+    ``model`` is the :class:`~peftcore.layer_tuner.LayerTuner`; the core has checked
     the names and weights. The implementation creates the adapter (usually
     ``model.inject_adapter(new_config, adapter_name)``) and fills its tensors.
     Return True when handled, None for adapters of another method.
     """
 
 
-# 5. Serialization -------------------------------------------------------------
+# 6. Files ---------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
@@ -164,3 +201,14 @@ def load_adapter_state_dict(
     model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, Tensor]
 ) -> tuple[list[str], list[str]] | None:
     """Copy on-disk tensors into adapter ``adapter_name``; return (missing, unexpected) keys."""
+
+
+@hookspec
+def check_adapter_files(config: PeftConfig, tensors: dict[str, Tensor]) -> list[str] | None:
+    """Problems in a saved adapter (``peftcore info``): one line each, naming the tensor or module.
+
+    ``tensors`` are the file's, under their on-disk names; ``config`` is read from the
+    same folder. Check what only your method knows (LoRA: A and B agree with ``r``);
+    the core checks what every method shares (names, targets, finite values).
+    Return None (or an empty list) for configs of other methods.
+    """

@@ -1,52 +1,22 @@
 """Which modules a config targets, with PEFT's rules.
 
-These are the core's answers to the ``is_target_module`` and
-``default_target_modules`` hooks; plugins may answer first.
+These are the core's answers to the ``is_target_module`` and ``prepare_config``
+hooks; plugins may answer first. Default targets per architecture belong to the
+methods (``default_target_modules``): the core has no table of its own.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from torch import nn
 
+from peftcore.layer import AdapterLayer
+from peftcore.walking import walk_modules
+
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
-
-# PEFT's per-architecture defaults for methods that adapt attention projections.
-DEFAULT_ATTENTION_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "deberta": ["in_proj"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "electra": ["query", "value"],
-    "gpt2": ["c_attn"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "phi3": ["qkv_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "gemma3": ["q_proj", "v_proj"],
-    "falcon": ["query_key_value"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "mbart": ["q_proj", "v_proj"],
-    "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value
-}
-
 
 def linear_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
@@ -121,9 +91,6 @@ def all_linear_names(model: nn.Module, task_type=None) -> set[str]:
     """Every Linear/Conv1D module's name except the output head, as PEFT expands "all-linear"."""
     from transformers import PreTrainedModel
 
-    from peftcore.layer import AdapterLayer
-    from peftcore.tuner import walk_modules
-
     # nothing inside an adapter layer counts; not entering them keeps this flat in the number of adapters
     modules = list(walk_modules(model, stop_at=(AdapterLayer,)))
     names = set()
@@ -140,21 +107,19 @@ def all_linear_names(model: nn.Module, task_type=None) -> set[str]:
     return names - excluded
 
 
-def resolve_targets(config, model: nn.Module) -> None:
-    """Fill in ``target_modules`` when None (per-architecture defaults) or "all-linear"."""
-    from peftcore.plugins import hooks
-
+def resolve_targets(config, model: nn.Module, default_targets: Callable[[str | None], list[str] | str | None]) -> None:
+    """Fill in ``target_modules`` when None (``default_targets(model_type)``) or "all-linear"."""
     if not hasattr(config, "target_modules"):
         return
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        targets = hooks.default_target_modules(config=config, model_type=model_type)
+        targets = default_targets(model_type)
         if targets is None:
             raise ValueError(
-                f"target_modules is None and there is no default for model_type {model_type!r} "
-                f"({type(config).__name__}); pass target_modules explicitly, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
+                f"{type(config).__name__}: target_modules is None and no installed plugin has a default for "
+                f"model_type {model_type!r}; pass target_modules explicitly, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
             )
-        config.target_modules = set(targets)
+        config.target_modules = targets if isinstance(targets, str) else set(targets)
     elif isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config.target_modules = all_linear_names(model, config.task_type)
 

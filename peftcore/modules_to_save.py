@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from peftcore.layer import rows_by_adapter
+from peftcore.walking import set_submodule
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -107,16 +108,11 @@ def wrap_modules_to_save(model: nn.Module, names: list[str] | None, adapter_name
             continue
         if ".modules_to_save." in key or key.endswith(".original_module") or ".original_module." in key:
             continue
-        _set_submodule(model, key, ModulesToSaveWrapper(module, adapter_name))
+        set_submodule(model, key, ModulesToSaveWrapper(module, adapter_name))
 
 
 def unwrap_modules_to_save(model: nn.Module) -> None:
     """Put back the original modules where no adapter copy is left."""
     for key, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
-            _set_submodule(model, key, module.original_module)
-
-
-def _set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:
-    parent_name, _, child = key.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+            set_submodule(model, key, module.original_module)

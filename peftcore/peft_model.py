@@ -12,14 +12,19 @@ from typing import Any
 from torch import nn
 
 from peftcore import serialization
-from peftcore.config import PeftConfig, TaskType
-from peftcore.layer import AdapterLayer
-from peftcore.modules_to_save import ModulesToSaveWrapper, saved_module_wrappers, unwrap_modules_to_save, wrap_modules_to_save
+from peftcore.config import PeftConfig, TaskType, read_config, write_config
+from peftcore.files import write_text_atomic
+from peftcore.layer import BASE_ADAPTER, AdapterLayer
+from peftcore.layer_tuner import LayerTuner
+from peftcore.modules_to_save import (
+    ModulesToSaveWrapper,
+    saved_module_wrappers,
+    unwrap_modules_to_save,
+    wrap_modules_to_save,
+)
 from peftcore.plugins import hooks, method_for_config
-from peftcore.training import enable_input_grads
-from peftcore.tuner import AdapterModel, walk_modules
-
-BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row uses no adapter
+from peftcore.preparation import checkpointing_on, require_input_grads
+from peftcore.walking import walk_modules
 
 
 def _check_adapter_name(adapter_name: str) -> None:
@@ -38,7 +43,7 @@ class PeftModel(nn.Module):
         self._prepare_config(peft_config, model)
         method = method_for_config(peft_config)
         self.modules_to_save = set(getattr(peft_config, "modules_to_save", None) or ()) or None
-        checkpointing = _checkpointing_on(model)  # asked before injection: the check visits every module
+        checkpointing = checkpointing_on(model)  # asked before injection: the check visits every module
         if method.kind == "model":
             self.base_model = model
             self.prompt_encoder = nn.ModuleDict()
@@ -47,10 +52,10 @@ class PeftModel(nn.Module):
             self._prompt_disabled = False
             self._add_model_adapter(peft_config, adapter_name)
         else:
-            self.base_model = AdapterModel(model, peft_config, adapter_name)
+            self.base_model = LayerTuner(model, peft_config, adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
         if checkpointing:
-            _require_input_grads(model)  # checkpointing was on before the adapters came (see gradient_checkpointing_enable)
+            require_input_grads(model)  # checkpointing was on before the adapters came (see gradient_checkpointing_enable)
 
     # -- construction ------------------------------------------------------------
 
@@ -68,6 +73,7 @@ class PeftModel(nn.Module):
                 f"Cannot add a {config.peft_type} adapter to a model that already has adapter layers (e.g. LoRA): one model "
                 "holds adapters of one method; merge_and_unload() or unload() the layer adapters first"
             )
+        hooks.prepare_config(config=config, model=self.base_model)
         adapter = hooks.create_model_adapter(model=self.base_model, config=config, adapter_name=adapter_name)
         if adapter is None:
             raise ValueError(f"No plugin created a model adapter for {config.peft_type}")
@@ -97,7 +103,7 @@ class PeftModel(nn.Module):
 
     @property
     def _uses_layers(self) -> bool:
-        return isinstance(self.base_model, AdapterModel)
+        return isinstance(self.base_model, LayerTuner)
 
     def __getattr__(self, name: str):
         try:
@@ -238,7 +244,7 @@ class PeftModel(nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         else:
             raise ValueError(f"{type(base).__name__} has no gradient_checkpointing_enable (not a transformers model?)")
-        _require_input_grads(base)
+        require_input_grads(base)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
@@ -289,7 +295,7 @@ class PeftModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         args, kwargs = self._prepare_model_kwargs(kwargs, args=args)
         with self._mixed_batch(adapter_names):
-            # through the AdapterModel (not straight to the wrapped model), so process_model_output runs
+            # through the LayerTuner (not straight to the wrapped model), so process_model_output runs
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -319,8 +325,8 @@ class PeftModel(nn.Module):
             out_dir.mkdir(parents=True, exist_ok=True)
             state_dict = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
             serialization.save_weights(state_dict, out_dir, safe_serialization=safe_serialization)
-            serialization.write_config(config, out_dir)
-        serialization.write_text_atomic(Path(save_directory) / "README.md", _model_card(self))
+            write_config(config, out_dir)
+        write_text_atomic(Path(save_directory) / "README.md", _model_card(self))
 
     @classmethod
     def from_pretrained(
@@ -331,7 +337,7 @@ class PeftModel(nn.Module):
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
         subfolder = hub_kwargs.pop("subfolder", None)
         if config is None:
-            config = serialization.read_config(model_id, subfolder=subfolder, **hub_kwargs)
+            config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
         model_cls = cls
@@ -349,7 +355,7 @@ class PeftModel(nn.Module):
         """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
         subfolder = hub_kwargs.pop("subfolder", None)
-        config = serialization.read_config(model_id, subfolder=subfolder, **hub_kwargs)
+        config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
         self.add_adapter(adapter_name, config)
@@ -364,17 +370,6 @@ class PeftModel(nn.Module):
     def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
         missing, unexpected = hooks.load_adapter_state_dict(model=self, config=config, adapter_name=adapter_name, state_dict=weights)
         serialization.warn_load_report(missing, unexpected, where)
-
-
-def _checkpointing_on(model: nn.Module) -> bool:
-    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5; the old name warns there
-    return bool(on if on is not None else getattr(model, "is_gradient_checkpointing", False))
-
-
-def _require_input_grads(model: nn.Module) -> None:
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()  # transformers may have added the hook already: keep exactly one
-    enable_input_grads(model)
 
 
 def _model_card(model: PeftModel) -> str:

@@ -1,7 +1,8 @@
-"""The plugin manager: entry-point discovery and the registry of methods."""
+"""The plugin manager: entry-point discovery, checks on each plugin, and the registry of methods."""
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
 from dataclasses import dataclass
@@ -11,9 +12,11 @@ import pluggy
 
 from peftcore import hookspecs
 from peftcore.method import LayerSupport, Method
+from peftcore.version import HOOKSPEC_VERSION, SUPPORTED_HOOKSPEC_VERSIONS
 
 hookimpl = pluggy.HookimplMarker("peftcore")
 ENTRY_POINT_GROUP = "peftcore"
+HOOK_NAMES = frozenset(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "peftcore_spec"))
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,11 @@ class PluginInfo:
     name: str  # entry-point name
     distribution: str
     version: str
-    error: str | None = None  # why it failed to load, if it did
+    error: str | None = None  # why it is not in use, if it is not
+
+
+class PluginError(ValueError):
+    """A plugin that cannot be used: a misspelt hook, a hookspec version this peftcore lacks, a clashing method."""
 
 
 _pm = pluggy.PluginManager("peftcore")
@@ -30,8 +37,83 @@ _plugin_infos: list[PluginInfo] = []
 _loaded = False
 
 
+def _declared_version(plugin: object) -> object:
+    return getattr(plugin, "PEFTCORE_HOOKSPEC_VERSION", 1)
+
+
+def _unknown_hooks(plugin: object) -> list[str]:
+    return [caller.name for caller in _pm.get_hookcallers(plugin) or [] if caller.spec is None]
+
+
+def _describe_unknown(name: str) -> str:
+    close = difflib.get_close_matches(name, HOOK_NAMES, n=1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+def _undecorated_hooks(plugin: object) -> list[str]:
+    """Functions of the plugin's own module named like a hook but not marked ``@hookimpl`` (never called)."""
+    implemented = {caller.name for caller in _pm.get_hookcallers(plugin) or []}
+    home = getattr(plugin, "__name__", type(plugin).__module__)
+    return [name for name in sorted(HOOK_NAMES - implemented)
+            if callable(getattr(plugin, name, None)) and getattr(getattr(plugin, name), "__module__", None) == home]
+
+
+def _problem(plugin: object) -> str | None:
+    unknown = _unknown_hooks(plugin)
+    if unknown:
+        return (f"hook implementations that match no peftcore hook: {', '.join(map(_describe_unknown, unknown))}; "
+                f"peftcore (hookspec version {HOOKSPEC_VERSION}) knows {', '.join(sorted(HOOK_NAMES))}")
+    undecorated = _undecorated_hooks(plugin)
+    if undecorated:
+        return f"defines {', '.join(undecorated)} without @peftcore.hookimpl, so peftcore would never call it"
+    return _clashing_method(plugin)
+
+
+def _clashing_method(plugin: object) -> str | None:
+    """A ``peft_type`` this plugin registers that another registered plugin registers already."""
+    mine = _methods_of(plugin)
+    if not mine:
+        return None
+    for other in _pm.get_plugins():
+        if other is plugin:
+            continue
+        taken = {m.peft_type for m in _methods_of(other)}
+        for method in mine:
+            if method.peft_type in taken:
+                return (f"registers the method {method.peft_type!r}, which plugin {_pm.get_name(other)!r} registers "
+                        "already; uninstall one of the two")
+    return None
+
+
+def _methods_of(plugin: object) -> list[Method]:
+    found: list[Method] = []
+    for impl in _pm.hook.register_methods.get_hookimpls():
+        if impl.plugin is plugin:
+            impl.function(register=found.append)
+    return found
+
+
+def _register_checked(plugin: object, name: str | None) -> None:
+    """Register ``plugin``, or raise PluginError (leaving it unregistered) when it cannot be used as it is."""
+    declared = _declared_version(plugin)
+    if declared not in SUPPORTED_HOOKSPEC_VERSIONS:
+        raise PluginError(
+            f"written for peftcore hookspec version {declared!r}; this peftcore (hookspec version {HOOKSPEC_VERSION}) "
+            f"supports {', '.join(map(str, SUPPORTED_HOOKSPEC_VERSIONS))}: install a matching peftcore or plugin release"
+        )
+    _pm.register(plugin, name=name)
+    try:
+        problem = _problem(plugin)
+    except Exception:  # e.g. register_methods itself fails when asked
+        _pm.unregister(plugin)
+        raise
+    if problem:
+        _pm.unregister(plugin)
+        raise PluginError(problem)
+
+
 def _load_entry_points() -> None:
-    """Load every ``peftcore`` entry point; a broken plugin is recorded, not fatal."""
+    """Load every ``peftcore`` entry point; a plugin that cannot be used is recorded, not fatal."""
     if os.environ.get("PEFTCORE_DISABLE_PLUGINS"):
         return
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -40,7 +122,7 @@ def _load_entry_points() -> None:
         if _pm.has_plugin(ep.name):
             continue
         try:
-            _pm.register(ep.load(), name=ep.name)
+            _register_checked(ep.load(), ep.name)
         except Exception as exc:  # a broken plugin must not break the others
             _plugin_infos.append(PluginInfo(ep.name, dist, version, f"{type(exc).__name__}: {exc}"))
             continue
@@ -83,9 +165,12 @@ def _invalidate() -> None:
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:
-    """Register a plugin object by hand (tests, notebooks, in-house methods)."""
-    get_plugin_manager().register(plugin, name=name)
-    _invalidate()
+    """Register a plugin object by hand (tests, notebooks, in-house methods); PluginError if it cannot be used."""
+    get_plugin_manager()
+    try:
+        _register_checked(plugin, name)
+    finally:
+        _invalidate()
 
 
 def unregister_plugin(plugin: object = None, name: str | None = None) -> None:
@@ -95,15 +180,9 @@ def unregister_plugin(plugin: object = None, name: str | None = None) -> None:
 
 @cache
 def methods() -> dict[str, Method]:
-    """Registered methods by ``peft_type``."""
+    """Registered methods by ``peft_type`` (plugins registering a taken one were refused at load)."""
     found: dict[str, Method] = {}
-
-    def register(method: Method) -> None:
-        if method.peft_type in found and found[method.peft_type] != method:
-            raise ValueError(f"Two plugins register the method {method.peft_type!r}")
-        found[method.peft_type] = method
-
-    hooks.register_methods(register=register)
+    hooks.register_methods(register=lambda method: found.setdefault(method.peft_type, method))
     return found
 
 

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from peftcore.config import PeftConfig, TaskType
-from peftcore.model_adapter import ModelAdapter
+from peftcore.files import AdapterFileError
+from peftcore.input_adapter import InputAdapter
 from peftcore.modules_to_save import ModulesToSaveWrapper
-from peftcore.serialization import AdapterFileError
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
@@ -161,7 +161,7 @@ def batch_and_length(kwargs: dict[str, Any]) -> tuple[int, int, torch.device]:
 # -- the adapter ----------------------------------------------------------------------------
 
 
-class PromptLearningAdapter(ModelAdapter):
+class PromptLearningAdapter(InputAdapter):
     """A prompt encoder with PEFT's layout: ``embedding`` over the virtual tokens, then the method's heads.
 
     Subclasses build ``self.embedding`` and their heads (named in ``head_names``), and implement
@@ -315,6 +315,19 @@ def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
             if name in state_dict:
                 target.copy_(state_dict[name])
     return missing, unexpected
+
+
+def check_prompt_embeddings(config: PromptLearningConfig, tensors: dict[str, torch.Tensor], width: int | None) -> list[str]:
+    """``prompt_embeddings`` exists with one row per saved virtual token and ``width`` columns (``peftcore info``)."""
+    table = tensors.get(PROMPT_EMBEDDINGS_KEY)
+    if table is None:
+        return [f"no {PROMPT_EMBEDDINGS_KEY!r} tensor (the virtual tokens' embeddings PEFT saves)"]
+    expected = (config.total_virtual_tokens, width)
+    if table.dim() != 2 or any(want is not None and got != want for got, want in zip(table.shape, expected)):
+        shown = tuple("?" if want is None else want for want in expected)
+        return [f"{PROMPT_EMBEDDINGS_KEY} has shape {tuple(table.shape)}; the config gives {shown} "
+                "(num_virtual_tokens x num_transformer_submodules, embedding width)"]
+    return []
 
 
 def _saved_module_tensors(peft_model: nn.Module, adapter_name: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:

@@ -1,140 +1,30 @@
-"""Reading and writing PEFT's adapter files, atomically, safetensors first."""
+"""An adapter's weights file (safetensors first, pickle only on request) and PEFT's tensor names.
+
+The names on disk are PEFT's: the core's default renames parameters with the
+method's ``Method.disk_key``; plugins answer ``adapter_state_dict`` /
+``load_adapter_state_dict`` first where their files do not mirror their parameters.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from peftcore.config import CONFIG_NAME, PeftConfig, json_ready
-from peftcore.plugins import get_method, hooks, method_for_config, methods, no_methods_hint
-
-SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-
-
-class AdapterFileError(ValueError):
-    """An adapter folder or file that cannot be used, with the path and the reason."""
-
-
-# -- atomic writes --------------------------------------------------------------
-
-
-@contextmanager
-def atomic_path(final_path: str | os.PathLike):
-    """Yield a temporary path beside ``final_path``; rename over it only on success.
-
-    An interrupted or failed save leaves whatever was at ``final_path`` untouched.
-    """
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-
-# -- configs --------------------------------------------------------------------
-
-
-def config_as_dict(config: PeftConfig) -> dict:
-    data = hooks.config_to_dict(config=config)
-    return json_ready(data)
-
-
-def write_config(config: PeftConfig, save_directory: str | os.PathLike, inference_mode: bool = True) -> None:
-    data = config_as_dict(config)
-    data["inference_mode"] = inference_mode
-    write_text_atomic(Path(save_directory) / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
-
-
-def config_from_dict(data: dict) -> PeftConfig:
-    if "peft_type" not in data:
-        raise AdapterFileError(f"adapter config has no 'peft_type' (keys: {sorted(data)})")
-    if not methods():
-        raise AdapterFileError(f"adapter config has peft_type {data['peft_type']!r}. {no_methods_hint()}")
-    try:
-        get_method(data["peft_type"])
-    except ValueError as exc:
-        raise AdapterFileError(str(exc)) from None
-    return hooks.config_from_dict(data=dict(data))
-
-
-def get_peft_config(config_dict: dict) -> PeftConfig:
-    """PEFT's name for building a config from a dict like ``adapter_config.json`` (validated)."""
-    return config_from_dict(config_dict)
-
-
-def _is_local(path: str | os.PathLike) -> bool:
-    return os.path.isdir(path)
-
-
-def resolve_file(model_id: str | os.PathLike, filename: str, subfolder: str | None = None, required: bool = False, **hub_kwargs) -> str | None:
-    """Path of ``filename`` in a local adapter folder or a Hub repo (through the local cache).
-
-    Returns None when the file is absent, unless ``required``: then a repo that
-    cannot be found is an error naming it. A local folder never falls through to
-    the Hub: a missing file there is reported as missing, not as a bad repo id.
-    """
-    model_id = str(model_id)
-    if _is_local(model_id):
-        path = Path(model_id, subfolder or "", filename)
-        return str(path) if path.is_file() else None
-    looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
-    if looks_like_path:
-        raise AdapterFileError(f"{model_id}: no such adapter folder")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    allowed = {"revision", "cache_dir", "token", "local_files_only", "force_download", "proxies"}
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
-    try:
-        return hf_hub_download(model_id, filename, subfolder=subfolder or None, **kwargs)
-    except (RepositoryNotFoundError, LocalEntryNotFoundError, EntryNotFoundError) as exc:
-        if not required and not isinstance(exc, RepositoryNotFoundError):
-            return None
-        raise AdapterFileError(
-            f"{model_id}: not a local folder, and not found on the Hub or in the local Hub cache "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from None
-    except Exception as exc:
-        if type(exc).__name__ in ("OfflineModeIsEnabled", "HFValidationError"):
-            raise AdapterFileError(f"{model_id}: not a local folder and not usable as a Hub repo id ({exc})") from None
-        raise
-
-
-def read_config(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> PeftConfig:
-    path = resolve_file(model_id, CONFIG_NAME, subfolder, required=True, **hub_kwargs)
-    where = os.path.join(str(model_id), subfolder or "")
-    if path is None:
-        raise AdapterFileError(f"{where}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    data.pop("runtime_config", None)
-    return config_from_dict(data)
-
+from peftcore.config import PeftConfig
+from peftcore.files import (
+    CONFIG_NAME,
+    PICKLE_WEIGHTS_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    AdapterFileError,
+    atomic_path,
+    resolve_file,
+)
+from peftcore.layer import AdapterLayer
+from peftcore.modules_to_save import ModulesToSaveWrapper
+from peftcore.plugins import method_for_config
 
 # -- weights --------------------------------------------------------------------
 
@@ -220,9 +110,6 @@ def adapter_view_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]
     ``modules_to_save`` one copy per adapter; skipping the other adapters' entries keeps
     loading an adapter as fast with 16 adapters in the model as with one.
     """
-    from peftcore.layer import AdapterLayer
-    from peftcore.modules_to_save import ModulesToSaveWrapper
-
     out: dict[str, torch.Tensor] = {}
 
     class Hooked(Exception):
@@ -283,3 +170,22 @@ def warn_load_report(missing: list[str], unexpected: list[str], where: str) -> N
         warnings.warn(f"{where}: {len(missing)} adapter tensors missing from the file, left at their init: {missing[:5]}", stacklevel=3)
     if unexpected:
         warnings.warn(f"{where}: {len(unexpected)} tensors in the file match nothing in the model and were ignored: {unexpected[:5]}", stacklevel=3)
+
+
+LAYER_PREFIX = "base_model.model."  # every layer method's tensors on disk start with this
+
+
+def tensors_by_module(tensors: dict[str, torch.Tensor], tensor_prefixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """A layer method's file tensors by adapted module: ``{"a.b": {"lora_A.weight": ..., ...}}``.
+
+    The module path is the part before the first segment starting with one of
+    ``tensor_prefixes`` (``base_model.model.`` removed); other tensors are left out.
+    """
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parts = key[len(LAYER_PREFIX):].split(".") if key.startswith(LAYER_PREFIX) else key.split(".")
+        for i, part in enumerate(parts):
+            if tensor_prefixes and part.startswith(tensor_prefixes):
+                out.setdefault(".".join(parts[:i]), {})[".".join(parts[i:])] = tensor
+                break
+    return out

@@ -132,7 +132,7 @@ def outputs(model, kwargs: dict) -> torch.Tensor:
 
 
 def text_batches(tokenizer, data, batch_size: int, max_length: int = 64, shuffle_seed: int | None = None):
-    """(encoded, labels) batches of a ``peftcore.assets.LabelledText``, optionally shuffled."""
+    """(encoded, labels) batches of a ``peftcore.cli.datasets.LabelledText``, optionally shuffled."""
     order = list(range(len(data)))
     if shuffle_seed is not None:
         order = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()

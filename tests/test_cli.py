@@ -29,7 +29,7 @@ LM_WORDS = ("say yes if the review is good : great awful fine terrible lovely bo
 def _bert_folder(root: Path, hidden: int, name: str) -> Path:
     import transformers as t
 
-    from peftcore import assets
+    from peftcore.cli import assets
 
     torch.manual_seed(0)
     config = t.BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
@@ -72,10 +72,10 @@ def llama(tmp_path_factory) -> Path:
 
 
 def _spam_csv(path: Path, n: int = 48) -> Path:
-    from peftcore import assets
+    from peftcore.cli import datasets
 
-    data = assets.load_dataset("sms-spam")
-    train, _ = assets.split(data, n, 0, seed=1, balanced=True)
+    data = datasets.load_dataset("sms-spam")
+    train, _ = datasets.split(data, n, 0, seed=1, balanced=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["message", "label"])
@@ -484,7 +484,7 @@ def test_info_and_merge_read_an_adapter_saved_by_peft(bert, tmp_path):
 
 
 def test_data_files_in_every_supported_format(tmp_path):
-    from peftcore import data
+    from peftcore.cli import datasets as data
 
     rows = [{"sentence": "good film", "label": 10}, {"sentence": "bad film", "label": 9}, {"sentence": "fine", "label": 10}]
     (tmp_path / "d.json").write_text(json.dumps(rows))
@@ -507,7 +507,8 @@ def test_data_files_in_every_supported_format(tmp_path):
 
 
 def test_prompt_completion_examples_mask_the_prompt_and_end_with_eos():
-    from peftcore import data, train
+    from peftcore.cli import datasets as data
+    from peftcore.cli import training_loop as train
 
     tokenizer = _word_tokenizer()
     pairs = data.PromptCompletions(["say yes if the review is good :"], [" yes"], "t", "t")
@@ -523,7 +524,8 @@ def test_prompt_completion_examples_mask_the_prompt_and_end_with_eos():
 def test_completion_nll_agrees_with_the_models_own_loss(llama):
     from transformers import AutoModelForCausalLM
 
-    from peftcore import data, train
+    from peftcore.cli import datasets as data
+    from peftcore.cli import training_loop as train
 
     tokenizer = _word_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(llama).eval()

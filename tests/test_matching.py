@@ -65,38 +65,38 @@ def test_all_linear_agrees_with_peft(arch):
         assert "lm_head" not in all_linear_names(model)
 
 
-EXPECTED_DEFAULTS = {  # PEFT's table (distilbert: q_lin/v_lin, as PEFT's docs give for DistilBERT)
-    "bert": {"query", "value"}, "roberta": {"query", "value"}, "distilbert": {"q_lin", "v_lin"}, "gpt2": {"c_attn"},
-    "llama": {"q_proj", "v_proj"}, "mistral": {"q_proj", "v_proj"}, "qwen2": {"q_proj", "v_proj"},
-    "gemma": {"q_proj", "v_proj"}, "gemma3": {"q_proj", "v_proj"}, "t5": {"q", "v"}, "bart": {"q_proj", "v_proj"},
-    "opt": {"q_proj", "v_proj"},
-}
+def _no_defaults(model_type):
+    return None
 
 
-@pytest.mark.parametrize("arch", sorted(EXPECTED_DEFAULTS))
-def test_default_targets_per_architecture(arch):
-    model, _ = tiny_model(arch)
+def test_a_config_no_plugin_has_defaults_for_fails_clearly():
+    """The core has no default targets of its own: LoRA's table belongs to peftcore-lora."""
+    model, _ = tiny_model("llama")
     config = LayerConfig()
-    resolve_targets(config, model)
-    assert config.target_modules == EXPECTED_DEFAULTS[arch]
-    matched = [name for name, _ in model.named_modules() if matches_target(config, name)]
-    assert matched, f"the default targets of {arch} match nothing"
+    with pytest.raises(ValueError, match="LayerConfig: target_modules is None and no installed plugin has a default "
+                                         "for model_type 'llama'"):
+        resolve_targets(config, model, _no_defaults)
+    assert config.target_modules is None
 
 
-def test_default_targets_unknown_architecture_is_a_clear_error():
-    import torch
-
+def test_default_targets_come_from_the_callback_and_regex_defaults_stay_strings():
+    model, _ = tiny_model("llama")
+    asked = []
     config = LayerConfig()
-    with pytest.raises(ValueError, match="no default for model_type None"):
-        resolve_targets(config, torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    resolve_targets(config, model, lambda model_type: asked.append(model_type) or ["q_proj"])
+    assert asked == ["llama"] and config.target_modules == {"q_proj"}
+    config = LayerConfig()
+    resolve_targets(config, model, lambda model_type: r".*\.q_proj")
+    assert config.target_modules == r".*\.q_proj"
 
 
 def test_all_linear_string_is_expanded_case_insensitively():
     model, _ = tiny_model("llama")
-    config = LayerConfig(target_modules="ALL-LINEAR")
-    resolve_targets(config, model)
-    assert "model.layers.0.mlp.down_proj" in config.target_modules
-    assert ALL_LINEAR == "all-linear"
+    lower, upper = LayerConfig(target_modules=ALL_LINEAR), LayerConfig(target_modules="ALL-LINEAR")
+    resolve_targets(lower, model, _no_defaults)
+    resolve_targets(upper, model, _no_defaults)
+    assert lower.target_modules == upper.target_modules == all_linear_names(model)
+    assert "model.layers.0.mlp.down_proj" in upper.target_modules and "lm_head" not in upper.target_modules
 
 
 def test_no_match_message_names_targets_and_shows_module_names():

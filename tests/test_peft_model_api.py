@@ -32,7 +32,19 @@ def test_task_types_pick_peft_wrapper_classes():
         with torch.no_grad():
             got = model(input_ids=ids)
         torch.testing.assert_close(got[0], expected[0], atol=0, rtol=0)
-    assert peftcore.PeftModelForQuestionAnswering is not None
+
+
+def test_question_answering_wrapper_passes_the_answer_positions_to_the_loss():
+    config = t.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    base = t.BertForQuestionAnswering(config).eval()
+    ids, starts, ends = torch.randint(0, 64, (2, 5)), torch.tensor([1, 2]), torch.tensor([3, 4])
+    with torch.no_grad():
+        expected = base(input_ids=ids, start_positions=starts, end_positions=ends).loss
+        model = get_peft_model(base, LoraConfig(task_type="QUESTION_ANS", r=2))
+        got = model(input_ids=ids, start_positions=starts, end_positions=ends).loss
+    assert expected > 0
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 def test_seq_cls_trains_the_head_via_modules_to_save():

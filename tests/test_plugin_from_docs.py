@@ -80,6 +80,9 @@ def test_documented_plugin_is_discovered_and_works_end_to_end(installed_plugin, 
         n_layers, width = base.config.num_hidden_layers, base.config.intermediate_size
         assert model.get_nb_trainable_parameters()[0] == n_layers * width
 
+        mixed = model(**inputs, adapter_names=["default", "__base__"]).logits   # one adapter per row
+        torch.testing.assert_close(mixed[0], shifted[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(mixed[1], expected[1], atol=1e-6, rtol=0)
         model.merge_adapter()
         torch.testing.assert_close(model(**inputs).logits, shifted, atol=1e-5, rtol=1e-5)
         model.unmerge_adapter()
@@ -95,6 +98,19 @@ def test_documented_plugin_is_discovered_and_works_end_to_end(installed_plugin, 
         assert names[0] == "base_model.model.bert.encoder.layer.0.intermediate.dense.shift_vector", names
         reloaded = PeftModel.from_pretrained(pristine, {str(tmp_path)!r})
         torch.testing.assert_close(reloaded(**inputs).logits, shifted, atol=1e-6, rtol=0)
+
+        # the core put the float32 vectors the page creates on the base model's dtype
+        doubled = get_peft_model(tiny_model("bert")[0].double(), ShiftConfig(target_modules=["intermediate.dense"]))
+        assert {{p.dtype for n, p in doubled.named_parameters() if "shift_vector" in n}} == {{torch.float64}}
+        # no bias to merge into: refused, naming the layer, nothing changed
+        no_bias = get_peft_model(torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False)), ShiftConfig(target_modules=["0"]))
+        try:
+            no_bias.merge_adapter()
+        except ValueError as exc:
+            assert "into 0: it changes the bias, but the base layer has none" in str(exc), exc
+        else:
+            raise AssertionError("merge into a layer without bias was not refused")
+        assert not no_bias.base_model.model[0].merged
         print("ok")
     """)
     assert out.strip().endswith("ok")

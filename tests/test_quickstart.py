@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peftcore import PeftModel, assets
-from peftcore.cli import main
+from peftcore import PeftModel
+from peftcore.cli import assets, datasets, main
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_quickstart_lora_minilm_sms_spam(tmp_path):
     assert (report["model"], report["dataset"], report["n_train"], report["n_test"]) == ("minilm", "sms-spam", 512, 256)
 
     # Re-evaluate independently: a fresh MiniLM, the saved adapter, the same held-out rows, a plain loop.
-    _, test = assets.split(assets.load_dataset("sms-spam"), 512, 256, seed=0, balanced=True)
+    _, test = datasets.split(datasets.load_dataset("sms-spam"), 512, 256, seed=0, balanced=True)
     assert sorted(set(test.labels)) == [0, 1] and sum(test.labels) == 128  # balanced, so chance is 0.5
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
     base = AutoModelForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=2)

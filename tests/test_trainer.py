@@ -10,8 +10,8 @@ import transformers as t
 from safetensors.torch import load_file
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
+from peftcore.files import AdapterFileError
 from peftcore.integrations.trainer import PeftTrainer
-from peftcore.serialization import AdapterFileError
 
 SIGNAL_TOKEN = 7  # label 1 iff this token occurs: learnable by a tiny model
 

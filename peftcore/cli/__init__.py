@@ -3,7 +3,7 @@
 Split by responsibility: one module per command, ``config_options`` turns a
 method's config dataclass into options, ``models`` finds and loads base models,
 ``errors`` and ``render`` keep the output consistent. Training and data loading
-live in :mod:`peftcore.train` and :mod:`peftcore.data`, usable without the CLI.
+live in :mod:`peftcore.cli.training_loop` and :mod:`peftcore.cli.datasets`, usable without the CLI.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -13,12 +12,14 @@ from typing import Any
 import click
 import torch
 
-from peftcore import assets, data, train
-from peftcore.cli import models
+from peftcore.cli import assets, models
+from peftcore.cli import datasets as data
+from peftcore.cli import training_loop as train
 from peftcore.cli.errors import CliError, user_errors
 from peftcore.cli.render import human_bytes, progress, status, table
 from peftcore.config import TaskType
-from peftcore.serialization import SAFETENSORS_WEIGHTS_NAME
+from peftcore.files import SAFETENSORS_WEIGHTS_NAME
+from peftcore.loop_hooks import run_length_field
 
 SEQ_CLS, CAUSAL_LM = TaskType.SEQ_CLS.value, TaskType.CAUSAL_LM.value
 # Built-in model -> the dataset it trains on when none is given
@@ -119,18 +120,18 @@ def _sizes(request: ApplyRequest, dataset_spec: str, total: int, task_type: str)
     return data.split_sizes(total, request.n_train, request.n_test)
 
 
-# A method whose schedule spans the whole run (AdaLoRA's rank budget) takes the run's length
-# in this config field. The CLI knows it only once the data is split: until then a provisional
-# value lets the other options be checked early; _attach fills in the real one.
-RUN_LENGTH_FIELD = "total_step"
+# A method whose schedule spans the whole run (AdaLoRA's rank budget) takes the run's length in
+# the config field marked metadata={"run_length": True}. The CLI knows it only once the data is
+# split: until then a provisional value lets the other options be checked early; _attach fills
+# in the real one.
 PROVISIONAL_RUN_LENGTH = 1000
 
 
 def _make_config(request: ApplyRequest, run_steps: int | None = None):
     kwargs = dict(request.config_kwargs)
-    fields = {f.name for f in dataclasses.fields(request.method.config_class)}
-    if RUN_LENGTH_FIELD in fields and kwargs.get(RUN_LENGTH_FIELD) is None:
-        kwargs[RUN_LENGTH_FIELD] = run_steps or PROVISIONAL_RUN_LENGTH
+    run_length = run_length_field(request.method.config_class)
+    if run_length is not None and kwargs.get(run_length) is None:
+        kwargs[run_length] = run_steps or PROVISIONAL_RUN_LENGTH
     try:
         return request.method.config_class(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -142,7 +143,8 @@ def _make_config(request: ApplyRequest, run_steps: int | None = None):
 def _attach(request: ApplyRequest, config, base, results: Results, run_steps: int | None = None):
     from peftcore import get_peft_model
 
-    if run_steps and request.config_kwargs.get(RUN_LENGTH_FIELD) is None and hasattr(config, RUN_LENGTH_FIELD):
+    run_length = run_length_field(type(config))
+    if run_steps and run_length is not None and request.config_kwargs.get(run_length) is None:
         config = _make_config(request, run_steps)
     peft_model = get_peft_model(base, config).to(request.device)
     if request.gradient_checkpointing:
@@ -171,7 +173,7 @@ def _classification(request, config, model_path, dataset_spec, settings, out, re
         full = data.load_classification(dataset_spec, request.text_column, request.label_column)
         n_train, n_test = _sizes(request, dataset_spec, len(full), SEQ_CLS)
         balanced = request.balanced if request.balanced is not None else data.is_builtin(dataset_spec)
-        train_set, test_set = assets.split(full, n_train, n_test, seed=request.seed, balanced=balanced)
+        train_set, test_set = data.split(full, n_train, n_test, seed=request.seed, balanced=balanced)
         label_names = full.label_names
         results.facts.update(n_train=n_train, n_test=n_test, labels=label_names)
         status(f"data: {full.name}, {len(full)} rows, {len(label_names)} classes; {n_train} train / {n_test} held out")
@@ -199,10 +201,10 @@ def _classification(request, config, model_path, dataset_spec, settings, out, re
     _save_and_check(peft_model, out, load_base, lambda m: train.predict_logits(m, probe[:64], 64, pad), expected, results)
 
 
-def _probe_set() -> assets.LabelledText:
+def _probe_set() -> data.LabelledText:
     texts = ["The film was a delight from start to finish.", "Call now to claim your free prize!",
              "See you at lunch tomorrow?", "A dull, lifeless script."]
-    return assets.LabelledText(texts, [0] * len(texts), ["0"], "probe", "built-in sentences")
+    return data.LabelledText(texts, [0] * len(texts), ["0"], "probe", "built-in sentences")
 
 
 # -- causal LM ------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ class CliError(click.ClickException):
 @contextmanager
 def user_errors(hint: str | None = None):
     """Turn the library's "bad input" exceptions into :class:`CliError` (bugs keep their traceback)."""
-    from peftcore.assets import AssetError
-    from peftcore.data import DataError
-    from peftcore.serialization import AdapterFileError
+    from peftcore.cli.assets import AssetError
+    from peftcore.cli.datasets import DataError
+    from peftcore.files import AdapterFileError
 
     try:
         yield

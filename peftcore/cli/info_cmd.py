@@ -10,10 +10,10 @@ import torch
 
 from peftcore.cli.errors import CliError
 from peftcore.cli.render import human_bytes, table
-from peftcore.config import CONFIG_NAME
-from peftcore.serialization import PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, AdapterFileError
+from peftcore.files import CONFIG_NAME, PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, AdapterFileError
+from peftcore.serialization import LAYER_PREFIX, tensors_by_module
 
-PREFIX = "base_model.model."
+PREFIX = LAYER_PREFIX
 SHOWN_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "init_r", "target_r", "num_virtual_tokens", "feedforward_modules")
 FOLDER_HINT = f"an adapter folder holds {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}, as written by save_pretrained"
 
@@ -44,7 +44,7 @@ def _read_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
 
 
 def _parse_config(raw: dict, problems: list[str]):
-    from peftcore.serialization import config_from_dict
+    from peftcore.config import config_from_dict
 
     data = {k: v for k, v in raw.items() if k != "runtime_config"}
     try:
@@ -54,19 +54,10 @@ def _parse_config(raw: dict, problems: list[str]):
         return None
 
 
-def _module_path(key: str, prefixes: tuple[str, ...]) -> str | None:
-    """``base_model.model.a.b.lora_A.weight`` -> ``a.b`` (the module holding the method's tensors)."""
-    parts = key[len(PREFIX):].split(".") if key.startswith(PREFIX) else key.split(".")
-    for i, part in enumerate(parts):
-        if prefixes and part.startswith(prefixes):
-            return ".".join(parts[:i])
-    return None
-
-
 def check(raw: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[str], set[str]]:
-    """Problems found, and the adapted module paths. Method-agnostic checks, plus LoRA's rank shapes."""
+    """Problems found, and the adapted module paths: the core's checks, then each method's own."""
     from peftcore.matching import matches_target
-    from peftcore.plugins import get_method
+    from peftcore.plugins import get_method, hooks
 
     problems: list[str] = []
     config = _parse_config(raw, problems)
@@ -74,7 +65,7 @@ def check(raw: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[str], set[s
         method = get_method(raw.get("peft_type", ""))
     except ValueError:
         method = None
-    prefixes = method.tensor_prefixes if method else (("lora_",) if raw.get("peft_type") == "LORA" else ())
+    prefixes = method.tensor_prefixes if method else ()
     if not tensors:
         problems.append("the weights file holds no tensors")
     for key, tensor in tensors.items():
@@ -87,41 +78,25 @@ def check(raw: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[str], set[s
         for key in tensors:
             if not key.startswith(PREFIX):
                 problems.append(f"{key}: does not start with {PREFIX!r} (PEFT's layout)")
-    modules = {m for m in (_module_path(k, prefixes) for k in tensors) if m}
+    by_module = tensors_by_module(tensors, prefixes)
+    modules = {m for m in by_module if m}
     targets = raw.get("target_modules")
     if config is not None and layer_kind and targets not in (None, "all-linear"):
         for module in sorted(modules):
             if not matches_target(config, module):
                 problems.append(f"{module}: has adapter tensors but does not match target_modules {targets!r}")
     saved = raw.get("modules_to_save") or []
+    in_modules = {f"{PREFIX}{m}.{rest}" for m, parts in by_module.items() for rest in parts}
     for key in tensors:
-        if layer_kind and _module_path(key, prefixes) is None and prefixes:
+        if layer_kind and prefixes and key not in in_modules:
             owner = key[len(PREFIX):].rsplit(".", 1)[0]
             is_bias = key.endswith(".bias") and raw.get("bias", "none") != "none"
             if not is_bias and not any(owner == s or owner.endswith(f".{s}") for s in saved):
                 problems.append(f"{key}: belongs neither to an adapted module nor to modules_to_save {saved}")
-    if raw.get("peft_type") == "LORA":
-        problems += _check_lora_ranks(raw, config, tensors, modules)
+    if config is not None:
+        for found in hooks.check_adapter_files(config=config, tensors=tensors):
+            problems += found or []
     return problems, modules
-
-
-def _check_lora_ranks(raw: dict, config, tensors: dict[str, torch.Tensor], modules: set[str]) -> list[str]:
-    """lora_A has r rows and lora_B r columns (after rank_pattern); both exist for every module."""
-    problems = []
-    for module in sorted(modules):
-        base = f"{PREFIX}{module}"
-        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
-            a, b = tensors.get(f"{base}.{a_name}"), tensors.get(f"{base}.{b_name}")
-            if a is None and b is None:
-                continue
-            if a is None or b is None:
-                problems.append(f"{module}: has {a_name if a is not None else b_name} but not its partner")
-                continue
-            r = config.rank_and_alpha(module)[0] if hasattr(config, "rank_and_alpha") else raw.get("r")
-            rows, cols = a.shape[0], (b.shape[1] if b.dim() > 1 else None)  # Linear, Conv and Embedding alike
-            if rows != r or cols != r:
-                problems.append(f"{module}: {a_name} has {rows} rows and {b_name} {cols} columns; config says r={r}")
-    return problems
 
 
 def describe(folder: Path) -> dict:

@@ -24,9 +24,10 @@ def _num_labels(weights: dict[str, torch.Tensor]) -> int | None:
 
 def load_adapter_strict(base, folder: str):
     """``PeftModel.from_pretrained``, but every tensor must land and none may be missing (merging half an adapter is garbage)."""
+    from peftcore.config import read_config
     from peftcore.peft_model import TASK_MODELS, PeftModel
     from peftcore.plugins import hooks
-    from peftcore.serialization import load_weights, read_config
+    from peftcore.serialization import load_weights
 
     config = read_config(folder)
     config.inference_mode = True
@@ -66,8 +67,9 @@ def _first_output(model, inputs) -> torch.Tensor:
               help="classifier size for SEQ_CLS/TOKEN_CLS adapters [default: read from the saved head]")
 def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | None) -> None:
     """Merge the adapter in ADAPTER into its base model and save a plain transformers model (+ tokenizer)."""
+    from peftcore.config import read_config
     from peftcore.plugins import get_method
-    from peftcore.serialization import load_weights, read_config
+    from peftcore.serialization import load_weights
 
     models.quiet_transformers()
     with user_errors(hint="check the adapter folder with `peftcore info`"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peftcore import assets
+from peftcore.cli import assets
 from peftcore.cli.errors import CliError
 from peftcore.config import TaskType
 

@@ -23,7 +23,10 @@ ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
   adapter weights back into the model's existing adapters, strictly (a missing or
   unexpected tensor is an error, never a silent partial load);
 - column removal keeps every argument the *base* model's ``forward`` takes
-  (``token_type_ids``...), as the Trainer does for ``peft`` models.
+  (``token_type_ids``...), as the Trainer does for ``peft`` models;
+- methods that act after each optimizer step (AdaLoRA's rank allocation) do so:
+  the mixin adds :class:`PeftcoreCallback`, which calls the ``on_optimizer_step``
+  hook. A stock ``Trainer`` takes it as ``callbacks=[PeftcoreCallback()]``.
 
 Any model that is not a peftcore ``PeftModel`` goes through the Trainer's own code.
 Other trainers built on ``Trainer`` (e.g. TRL's) take the mixin first:
@@ -34,11 +37,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from peftcore import serialization
+from peftcore.files import SAFETENSORS_WEIGHTS_NAME, AdapterFileError
+from peftcore.loop_hooks import optimizer_step_done, run_length_field, unwrap
 from peftcore.peft_model import PeftModel
 from peftcore.plugins import hooks, method_for_config
 
@@ -56,7 +62,7 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike, adapter_na
     weights = serialization.load_weights(folder)
     missing, unexpected = hooks.load_adapter_state_dict(model=model, config=config, adapter_name=adapter_name, state_dict=weights)
     if missing or unexpected:
-        raise serialization.AdapterFileError(
+        raise AdapterFileError(
             f"{folder}: adapter {adapter_name!r} does not match the model: "
             f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
@@ -73,8 +79,49 @@ def _adapter_tensors_from(state_dict: dict[str, torch.Tensor], config, adapter_n
     return out
 
 
+class PeftcoreCallback(TrainerCallback):
+    """Tells peftcore methods about the run: its length at the start, and every optimizer step.
+
+    ``on_optimizer_step`` fires after ``optimizer.step()`` and before the gradients are
+    zeroed (``on_step_end`` would be too late for AdaLoRA's gradient-based scores).
+    Pass ``model`` when the Trainer is given another object than the peftcore model.
+    """
+
+    def __init__(self, model=None):
+        self.model = model
+
+    def _peft_model(self, model):
+        return unwrap(self.model if self.model is not None else model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        peft_model = self._peft_model(model)
+        for name, config in getattr(peft_model, "peft_config", {}).items():
+            field_name = None if config.inference_mode else run_length_field(type(config))
+            planned = getattr(config, field_name) if field_name else None
+            if planned is not None and state.max_steps and state.max_steps != planned:
+                warnings.warn(
+                    f"adapter {name!r}: {type(config).__name__}.{field_name}={planned} but the Trainer will run "
+                    f"{state.max_steps} optimizer steps; the method's schedule follows {field_name} (set it to the "
+                    "number of optimizer steps)",
+                    stacklevel=2,
+                )
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        peft_model = self._peft_model(model)
+        if getattr(peft_model, "_peftcore_steps_seen", None) == state.global_step:
+            return  # a second PeftcoreCallback (e.g. AdaLoraCallback beside PeftTrainer's own) in this run
+        peft_model._peftcore_steps_seen = state.global_step
+        # state.global_step counts the steps completed before this one: 0, 1, 2, ...
+        optimizer_step_done(peft_model, state.global_step)
+
+
 class PeftTrainerMixin:
     """Makes a ``Trainer`` save, resume and load-best with adapter files only (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, PeftcoreCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(PeftcoreCallback())
 
     def _peftcore_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
@@ -105,9 +152,9 @@ class PeftTrainerMixin:
     def _load_adapters_from(self, checkpoint: str, model: PeftModel) -> None:
         for name in model.peft_config:
             folder = adapter_folder(checkpoint, name)
-            if not os.path.isfile(os.path.join(folder, serialization.SAFETENSORS_WEIGHTS_NAME)):
-                raise serialization.AdapterFileError(
-                    f"{folder}: no {serialization.SAFETENSORS_WEIGHTS_NAME} for adapter {name!r}; "
+            if not os.path.isfile(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)):
+                raise AdapterFileError(
+                    f"{folder}: no {SAFETENSORS_WEIGHTS_NAME} for adapter {name!r}; "
                     "was this checkpoint written by a Trainer without PeftTrainerMixin?"
                 )
             load_adapter_weights(model, folder, name)

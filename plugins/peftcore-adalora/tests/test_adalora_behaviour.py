@@ -291,7 +291,7 @@ def test_r_is_ignored_with_a_warning_as_in_peft():
 
 
 def test_unknown_architecture_needs_target_modules():
-    with pytest.raises(ValueError, match="no AdaLoRA default for model_type None"):
+    with pytest.raises(ValueError, match="AdaLoraConfig: target_modules is None and no installed plugin has a default for model_type None"):
         get_peft_model(nn.Sequential(nn.Linear(3, 3)), AdaLoraConfig(total_step=10))
 
 
@@ -376,5 +376,5 @@ def test_callback_warns_when_total_step_differs_from_the_trainer_steps():
     model, _, _ = _adalora_model("bert", total_step=10)
     with pytest.warns(UserWarning, match="total_step=10 but the Trainer will run 20 optimizer steps"):
         AdaLoraCallback().on_train_begin(None, TrainerState(max_steps=20), TrainerControl(), model=model)
-    with pytest.raises(TypeError, match="has no update_and_allocate"):
+    with pytest.raises(TypeError, match="Linear is not a peftcore model with an AdaLoRA adapter"):
         AdaLoraCallback(model=nn.Linear(2, 2)).on_optimizer_step(None, TrainerState(), TrainerControl())

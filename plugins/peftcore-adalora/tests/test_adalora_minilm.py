@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from peftcore import AdaLoraConfig, assets, get_peft_model
+from peftcore import AdaLoraConfig, get_peft_model
+from peftcore.cli import assets, datasets
 from peftcore.testing import held_out_accuracy, text_batches
 
 N_TRAIN, N_TEST, EPOCHS, BATCH, MAX_LEN = 512, 300, 2, 16, 64
@@ -24,7 +25,7 @@ def test_adalora_raises_held_out_accuracy_on_sms_spam_and_reaches_the_target_bud
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(2)
-    train, test = assets.split(assets.load_dataset("sms-spam"), N_TRAIN, N_TEST, seed=0, balanced=True)
+    train, test = datasets.split(datasets.load_dataset("sms-spam"), N_TRAIN, N_TEST, seed=0, balanced=True)
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=2)

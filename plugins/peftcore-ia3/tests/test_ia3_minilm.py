@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from peftcore import IA3Config, assets, get_peft_model
+from peftcore import IA3Config, get_peft_model
+from peftcore.cli import assets, datasets
 from peftcore.testing import held_out_accuracy, text_batches
 
 N_TRAIN, N_TEST, EPOCHS, BATCH, LR, MAX_LEN = 512, 300, 2, 16, 2e-2, 64
@@ -20,7 +21,7 @@ def test_ia3_raises_held_out_accuracy_on_sms_spam():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(2)
-    train, test = assets.split(assets.load_dataset("sms-spam"), N_TRAIN, N_TEST, seed=0, balanced=True)
+    train, test = datasets.split(datasets.load_dataset("sms-spam"), N_TRAIN, N_TEST, seed=0, balanced=True)
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(assets.minilm_dir(), num_labels=2)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from peftcore import LoraConfig, get_peft_model
+from peftcore.layer_tuner import WRAPPERS
 from peftcore.testing import tiny_model
-from peftcore.tuner import WRAPPERS, walk_modules
+from peftcore.walking import walk_modules
 
 
 def _count_calls(fn) -> int:

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftcore import LoraConfig, get_peft_model
 from peftcore.testing import tiny_model
+
 from peftcore_lora import fast, rebuild
 from peftcore_lora.layer import Linear as LoraLinear
 
@@ -344,8 +345,14 @@ def test_applies_only_to_lora_linear_maths():
             return super().adapter_output(name, x, base_result) * 0
 
     layer = nn.Linear(3, 3)
-    assert fast.applies_to(LoraLinear(copy.deepcopy(layer), "default", LoraConfig(r=1)))
-    assert not fast.applies_to(Custom(copy.deepcopy(layer), "default", LoraConfig(r=1)))
+    own, custom = (cls(copy.deepcopy(layer), "default", LoraConfig(r=1)) for cls in (LoraLinear, Custom))
+    assert own.fast_path_applies and not custom.fast_path_applies
+    for wrapper in (own, custom):
+        nn.init.ones_(wrapper.lora_B["default"].weight)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        assert not torch.allclose(own(x), layer(x))
+        torch.testing.assert_close(custom(x), layer(x))  # the subclass's own maths ran, not the fused path
 
 
 def test_double_backward_is_refused_clearly(monkeypatch):

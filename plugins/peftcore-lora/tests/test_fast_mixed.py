@@ -15,6 +15,7 @@ from torch import nn
 
 from peftcore import LoraConfig, get_peft_model
 from peftcore.testing import tiny_model
+
 from peftcore_lora import fast
 
 TOL = dict(atol=1e-5, rtol=1e-5)

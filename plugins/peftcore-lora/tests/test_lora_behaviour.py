@@ -84,8 +84,12 @@ def test_merged_equals_unmerged_and_unmerge_restores(arch, options):
 def test_lora_bias_merge_without_base_bias_is_refused(llama):
     base, _ = llama
     model = get_peft_model(base, LoraConfig(r=2, lora_bias=True))
-    with pytest.raises(ValueError, match="q_proj: lora_bias=True but the base layer has no bias"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'default' into model\.layers\.0\.self_attn\.q_proj: it changes the bias, but "
+                                         "the base layer has none"):
         model.merge_adapter()
+    assert not any(layer.merged for _, layer in model.base_model.adapter_layers())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_merge_and_unload_returns_plain_model_with_same_outputs(llama):

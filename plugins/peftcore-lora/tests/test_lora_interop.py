@@ -132,3 +132,25 @@ def test_embedding_and_conv2d_adapters_interoperate(tmp_path):
     ours = peftcore.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     for a, b in zip(run(ours), run(theirs)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+DEFAULT_TARGET_ARCHS = ["bert", "roberta", "gpt2", "llama", "mistral", "qwen2", "gemma", "t5", "bart", "opt"]
+
+
+@pytest.mark.parametrize("arch", DEFAULT_TARGET_ARCHS)
+def test_default_targets_are_peft_s_and_wrap_the_same_modules(arch):
+    """With target_modules=None both libraries pick the same modules (peft's own table is the reference)."""
+    ours = peftcore.get_peft_model(tiny_model(arch)[0], peftcore.LoraConfig(task_type=TASK_TYPES[arch]))
+    theirs = peft.get_peft_model(tiny_model(arch)[0], peft.LoraConfig(task_type=TASK_TYPES[arch]))
+    assert ours.peft_config["default"].target_modules == theirs.peft_config["default"].target_modules
+    wrapped = [n for n, m in ours.named_modules() if isinstance(m, peftcore.AdapterLayer)]
+    assert wrapped == [n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
+def test_architectures_peft_has_no_default_for_get_attention_targets():
+    model, _ = tiny_model("distilbert")
+    with pytest.raises(ValueError):
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(task_type="SEQ_CLS"))
+    ours = peftcore.get_peft_model(model, peftcore.LoraConfig(task_type="SEQ_CLS"))
+    assert ours.peft_config["default"].target_modules == {"q_lin", "v_lin"}
+    assert {n.rsplit(".", 1)[1] for n, m in ours.named_modules() if isinstance(m, peftcore.AdapterLayer)} == {"q_lin", "v_lin"}

@@ -5,10 +5,12 @@ import dataclasses
 import peft
 import pytest
 import torch
-from peftcore.testing import DECODERS, PROMPT_TASKS as TASKS, batch, greedy_reference, outputs, perturb, tiny_generation_model as tiny_model
 
 import peftcore
 from peftcore import PromptEncoderConfig, get_peft_model
+from peftcore.testing import DECODERS, batch, greedy_reference, outputs, perturb
+from peftcore.testing import PROMPT_TASKS as TASKS
+from peftcore.testing import tiny_generation_model as tiny_model
 
 ARCHS = list(TASKS)
 ENCODERS = {"MLP": dict(encoder_hidden_size=16), "LSTM": dict(encoder_hidden_size=16, encoder_reparameterization_type="LSTM")}

@@ -5,10 +5,12 @@ import json
 import peft
 import pytest
 import torch
-from peftcore.testing import PROMPT_TASKS as TASKS, batch, outputs, perturb, tiny_generation_model as tiny_model
 from safetensors.torch import load_file
 
 from peftcore import PeftModel, PromptEncoderConfig, get_peft_model
+from peftcore.testing import PROMPT_TASKS as TASKS
+from peftcore.testing import batch, outputs, perturb
+from peftcore.testing import tiny_generation_model as tiny_model
 
 ARCHS = list(TASKS)
 

@@ -7,10 +7,12 @@ import peft
 import pytest
 import torch
 import transformers
-from peftcore.testing import DECODERS, PROMPT_TASKS as TASKS, batch, greedy_reference, outputs, perturb, tiny_generation_model as tiny_model
 
 import peftcore
 from peftcore import PrefixTuningConfig, get_peft_model
+from peftcore.testing import DECODERS, batch, greedy_reference, outputs, perturb
+from peftcore.testing import PROMPT_TASKS as TASKS
+from peftcore.testing import tiny_generation_model as tiny_model
 
 PEFT_RUNS = ["llama", "gpt2", "t5"]  # peft 0.21.2 cannot run prefix tuning on BERT with transformers 5
 PROJECTIONS = {"plain": {}, "projection": dict(prefix_projection=True, encoder_hidden_size=16)}

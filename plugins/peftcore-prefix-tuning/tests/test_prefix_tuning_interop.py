@@ -9,10 +9,12 @@ import json
 import peft
 import pytest
 import torch
-from peftcore.testing import PROMPT_TASKS as TASKS, batch, outputs, perturb, tiny_generation_model as tiny_model
 from safetensors.torch import load_file
 
 from peftcore import PeftModel, PrefixTuningConfig, get_peft_model
+from peftcore.testing import PROMPT_TASKS as TASKS
+from peftcore.testing import batch, outputs, perturb
+from peftcore.testing import tiny_generation_model as tiny_model
 
 PEFT_RUNS = ["llama", "gpt2", "t5"]
 PROJECTIONS = {"plain": {}, "projection": dict(prefix_projection=True, encoder_hidden_size=16)}

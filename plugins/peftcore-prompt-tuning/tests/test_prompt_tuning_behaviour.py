@@ -5,10 +5,12 @@ import dataclasses
 import peft
 import pytest
 import torch
-from peftcore.testing import DECODERS, PROMPT_TASKS as TASKS, batch, greedy_reference, outputs, perturb, tiny_generation_model as tiny_model
 
 import peftcore
 from peftcore import PromptTuningConfig, get_peft_model
+from peftcore.testing import DECODERS, batch, greedy_reference, outputs, perturb
+from peftcore.testing import PROMPT_TASKS as TASKS
+from peftcore.testing import tiny_generation_model as tiny_model
 
 ARCHS = list(TASKS)
 
@@ -157,7 +159,7 @@ def test_several_adapters_switch_and_delete():
 def test_text_init_uses_the_tokenized_text_repeated_to_fill(tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    from peftcore.assets import minilm_dir
+    from peftcore.cli.assets import minilm_dir
 
     base = AutoModel.from_pretrained(minilm_dir())
     text = "Is this message spam?"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from peftcore import PromptTuningConfig, get_peft_model
-from peftcore.assets import AssetError, load_dataset, smollm2_dir, split
+from peftcore.cli.assets import AssetError, smollm2_dir
+from peftcore.cli.datasets import load_dataset, split
 
 LABEL_WORDS = (" ham", " spam")
 

@@ -121,7 +121,8 @@ class AdaLoraConfig(LayerConfig):
     beta2: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity's uncertainty"})
     orth_reg_weight: float = field(default=0.5, metadata={
         "help": "weight of the orthogonality regulariser mean ||P^T P - I||_F added to the training loss"})
-    total_step: Optional[int] = field(default=None, metadata={"help": "total training steps (required, > 0)"})
+    total_step: Optional[int] = field(default=None, metadata={
+        "help": "total training steps (required, > 0)", "run_length": True})
 
     def __post_init__(self):
         self.peft_type = "ADALORA"

@@ -9,21 +9,14 @@ pruning changes ΔW only by the pruned triplets.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftcore import AdapterLayer
-from peftcore.layer import check_finite, linear_features, rows_by_adapter
+from peftcore.layer import linear_features, transpose
 
-BASE_ADAPTER = "__base__"
 RANKNUM_EPS = 1e-5
-
-
-def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    return weight.T if fan_in_fan_out else weight
 
 
 class AdaLoraLayer(AdapterLayer):
@@ -35,9 +28,8 @@ class AdaLoraLayer(AdapterLayer):
     peft_type = "ADALORA"
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, module_name: str):
-        super().__init__(base_layer)
+        super().__init__(base_layer, module_name)
         self.in_features, self.out_features = in_features, out_features
-        self._module_name = module_name
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -65,13 +57,6 @@ class AdaLoraLayer(AdapterLayer):
         self.ranknum[adapter_name] = nn.Parameter(torch.randn(1).fill_(float(r)), requires_grad=False)
         if config.init_lora_weights:
             self.reset_lora_parameters(adapter_name)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        weight = self.get_base_layer().weight
-        self.ranknum[adapter_name] = nn.Parameter(
-            self.ranknum[adapter_name].to(weight.device, weight.dtype if weight.is_floating_point() else torch.float32),
-            requires_grad=False,
-        )
-        self.set_adapter(self.active_adapters or [adapter_name])
 
     @torch.no_grad()
     def reset_lora_parameters(self, adapter_name: str) -> None:
@@ -90,7 +75,7 @@ class AdaLoraLayer(AdapterLayer):
             return  # already at the allocated rank
         if current != len(kept):
             raise ValueError(
-                f"{self._module_name}: rank_pattern has {len(kept)} entries for adapter {adapter_name!r}, "
+                f"{self.location}: rank_pattern has {len(kept)} entries for adapter {adapter_name!r}, "
                 f"but the layer has rank {current} (expected init_r entries)"
             )
         for holder, rows in ((self.lora_A, mask), (self.lora_E, mask)):
@@ -108,57 +93,6 @@ class AdaLoraLayer(AdapterLayer):
         """scaling / (ranknum + eps), as a tensor so it follows device and dtype."""
         return self.scaling[adapter_name] / (self.ranknum[adapter_name] + RANKNUM_EPS)
 
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        base = self.get_base_layer()
-        for name in self.adapters_to_merge(adapter_names):
-            new_weight = base.weight.data + self.delta_weight(name).to(base.weight.dtype)
-            if safe_merge:
-                check_finite(new_weight, name)
-            base.weight.data = new_weight
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged; nothing to do")
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            base.weight.data -= self.delta_weight(name).to(base.weight.dtype)
-
-    # -- running ------------------------------------------------------------------------
-
-    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name in self.lora_A:
-                result = result + self.adapter_output(name, x).to(result.dtype)
-        return result
-
-    def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
-        groups = rows_by_adapter(adapter_names, x.shape[0])
-        result = self.base_layer(x, *args, **kwargs)
-        for name, rows in groups.items():
-            if name == BASE_ADAPTER or name not in self.lora_A:
-                continue
-            result[rows] = result[rows] + self.adapter_output(name, x[rows]).to(result.dtype)
-        return result
-
-
 class SVDLinear(AdaLoraLayer):
     """AdaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (weights stored transposed)."""
 
@@ -166,20 +100,17 @@ class SVDLinear(AdaLoraLayer):
         in_features, out_features = linear_features(base_layer, config, module_name)
         super().__init__(base_layer, in_features, out_features, module_name)
         self.fan_in_fan_out = config.fan_in_fan_out
-        self.update_layer(adapter_name, config, module_name)
+        self.create_adapter(adapter_name, config)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
-        return _transpose(b @ (a * e), self.fan_in_fan_out) * self.factor(adapter_name)
+        return transpose(b @ (a * e), self.fan_in_fan_out) * self.factor(adapter_name)
 
-    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         a, b, e = self.lora_A[name], self.lora_B[name], self.lora_E[name]
         x = x.to(a.dtype)
         # PEFT's order of operations, so results agree to the last bit where possible
         return (self.lora_dropout[name](x) @ (a * e).T @ b.T) * self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)
-
-    def __repr__(self) -> str:
-        return "adalora." + super().__repr__()
 
 
 class SVDConv2d(AdaLoraLayer):
@@ -190,7 +121,7 @@ class SVDConv2d(AdaLoraLayer):
             raise ValueError(f"{module_name}: AdaLoRA for grouped convolutions (groups={base_layer.groups}) is not supported")
         super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, module_name)
         self.fan_in_fan_out = False
-        self.update_layer(adapter_name, config, module_name)
+        self.create_adapter(adapter_name, config)
 
     def a_columns(self) -> int:
         kernel_h, kernel_w = self.get_base_layer().kernel_size
@@ -201,11 +132,8 @@ class SVDConv2d(AdaLoraLayer):
         delta = b @ (a * e) * self.scaling[adapter_name] / (self.ranknum[adapter_name] + RANKNUM_EPS)
         return delta.reshape(self.get_base_layer().weight.shape)
 
-    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         x = x.to(self.lora_A[name].dtype)
         return F.conv2d(self.lora_dropout[name](x), self.delta_weight(name), stride=base.stride, padding=base.padding,
                         dilation=base.dilation, groups=base.groups)
-
-    def __repr__(self) -> str:
-        return "adalora." + super().__repr__()

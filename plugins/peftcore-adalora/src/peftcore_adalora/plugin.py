@@ -11,13 +11,13 @@ from torch import nn
 
 from peftcore import LayerSupport, Method, hookimpl
 from peftcore.method import strip_adapter_name
-from peftcore.serialization import default_adapter_state_dict, default_load_adapter_state_dict
+from peftcore.serialization import default_adapter_state_dict, default_load_adapter_state_dict, tensors_by_module
 
 from peftcore_adalora import allocator
 from peftcore_adalora.config import DEFAULT_TARGET_MODULES, AdaLoraConfig, rank_pattern_module
 from peftcore_adalora.layer import AdaLoraLayer, SVDConv2d, SVDLinear
 
-__all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "RankAllocator"]
+__all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "RankAllocator"]  # noqa: F822 (AdaLoraCallback: lazily)
 
 RankAllocator = allocator.RankAllocator
 TENSOR_PREFIXES = ("lora_",)
@@ -69,15 +69,9 @@ def register_layer_support(register):
 
 @hookimpl
 def default_target_modules(config, model_type):
-    if not isinstance(config, AdaLoraConfig):
-        return None
-    if model_type not in DEFAULT_TARGET_MODULES:
-        # answering None would let the core fall back to LoRA's table, which PEFT's AdaLoRA does not use
-        raise ValueError(
-            f"AdaLoraConfig: target_modules is None and PEFT has no AdaLoRA default for model_type {model_type!r}; "
-            f"pass target_modules. Known: {', '.join(sorted(DEFAULT_TARGET_MODULES))}"
-        )
-    return list(DEFAULT_TARGET_MODULES[model_type])
+    if isinstance(config, AdaLoraConfig) and model_type in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    return None
 
 
 @hookimpl
@@ -108,6 +102,14 @@ def adapter_injected(model, config, adapter_name):
                 continue
             if name.endswith(".bias") and (config.bias == "all" or name.endswith(".base_layer.bias")):
                 param.requires_grad_(True)
+
+
+@hookimpl
+def on_optimizer_step(model, step):
+    """Rank allocation after every optimizer step (PEFT asks users to call ``update_and_allocate`` themselves)."""
+    tuner = getattr(model, "base_model", None)
+    if getattr(tuner, "rankallocator", None) is not None and _is_adalora_model(tuner):
+        allocator.update_and_allocate(tuner, step)
 
 
 @hookimpl
@@ -163,6 +165,29 @@ def load_adapter_state_dict(model, config, adapter_name, state_dict):
         # duplicate tensors that load elsewhere (``<head>.bias``, the base model's own bias)
         state_dict = {k: v for k, v in state_dict.items() if not k.endswith(_PEFT_DUPLICATE_BIASES)}
     return default_load_adapter_state_dict(model, config, adapter_name, state_dict)
+
+
+@hookimpl
+def check_adapter_files(config, tensors):
+    """Each module has its triplet A (r x in), E (r x 1), B (out x r) at the rank ``rank_pattern`` allocates."""
+    if not isinstance(config, AdaLoraConfig):
+        return None
+    allocated = {rank_pattern_module(k)[0]: sum(map(bool, v)) for k, v in (config.rank_pattern or {}).items()}
+    problems = []
+    for module, parts in sorted(tensors_by_module(tensors, TENSOR_PREFIXES).items()):
+        a, e, b = (parts.get(name) for name in ("lora_A", "lora_E", "lora_B"))
+        if a is None or e is None or b is None:
+            missing = [n for n, t in (("lora_A", a), ("lora_E", e), ("lora_B", b)) if t is None]
+            problems.append(f"{module}: has part of an AdaLoRA triplet but not {', '.join(missing)}")
+            continue
+        rank = allocated.get(module, config.init_r)
+        shapes = {"lora_A rows": a.shape[0], "lora_E rows": e.shape[0], "lora_B columns": b.shape[-1]}
+        wrong = {k: v for k, v in shapes.items() if v != rank}
+        if wrong or e.dim() != 2 or e.shape[1] != 1:
+            source = "rank_pattern" if module in allocated else "init_r"
+            problems.append(f"{module}: triplet shapes A {tuple(a.shape)}, E {tuple(e.shape)}, B {tuple(b.shape)} do "
+                            f"not fit rank {rank} ({source})")
+    return problems
 
 
 @hookimpl

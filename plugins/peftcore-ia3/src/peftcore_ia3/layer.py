@@ -6,50 +6,35 @@ output (shape out x 1) or, for feedforward modules, its input (shape 1 x in).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
-from peftcore import AdapterLayer
-from peftcore.layer import check_finite, linear_features
-
-BASE_ADAPTER = "__base__"
-# PEFT divides by (l + 1e-8) when unmerging. The epsilon alone puts the restored weight off
-# by a relative 1e-8/|l|; that passes 1e-6 once |l| < 1e-2, where we warn (and where l == 0
-# the weights were multiplied by 0 and cannot come back at all).
-UNMERGE_EPS = 1e-8
-INEXACT_BELOW = 1e-2
+from peftcore.layer import BASE_ADAPTER, ScalingAdapterLayer, linear_features, transpose
 
 
-def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    return weight.T if fan_in_fan_out else weight
-
-
-class IA3Layer(AdapterLayer):
+class IA3Layer(ScalingAdapterLayer):
     """Per-adapter vectors and the bookkeeping shared by every (IA)^3 wrapper."""
 
     adapter_layer_names = ("ia3_l",)
     peft_type = "IA3"
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, is_feedforward: bool, module_name: str):
-        super().__init__(base_layer)
+        super().__init__(base_layer, module_name)
         self.in_features, self.out_features = in_features, out_features
         self.is_feedforward = is_feedforward
-        self._module_name = module_name
         self.ia3_l = nn.ParameterDict({})
 
     def vector_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
     def update_layer(self, adapter_name: str, config, module_name: str = "") -> None:
-        wanted = config.is_feedforward(module_name or self._module_name)
+        wanted = config.is_feedforward(module_name or self.module_name)
         if not self.ia3_l:  # no adapter left to disagree with (all deleted)
             self.is_feedforward = wanted
         if wanted != self.is_feedforward:
             role = "input (feedforward)" if self.is_feedforward else "output"
             raise ValueError(
-                f"{self._module_name}: adapter {adapter_name!r} would treat this layer as "
+                f"{self.location}: adapter {adapter_name!r} would treat this layer as "
                 f"{'feedforward' if wanted else 'non-feedforward'}, but existing adapters scale its {role}; "
                 "one layer cannot mix both (check feedforward_modules)"
             )
@@ -57,8 +42,6 @@ class IA3Layer(AdapterLayer):
         self.ia3_l[adapter_name] = nn.Parameter(torch.randn(self.vector_shape()))
         if config.init_ia3_weights:
             self.reset_ia3_parameters(adapter_name)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters or [adapter_name])
 
     def reset_ia3_parameters(self, adapter_name: str) -> None:
         if adapter_name in self.ia3_l:
@@ -66,55 +49,15 @@ class IA3Layer(AdapterLayer):
 
     # -- merging ------------------------------------------------------------------
 
-    def weight_scaling(self, vector: torch.Tensor) -> torch.Tensor:
-        """``vector`` shaped to multiply the base weight."""
-        raise NotImplementedError
+    def scaling_vector(self, adapter_name: str) -> torch.Tensor:
+        return self.ia3_l[adapter_name].data
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        base = self.get_base_layer()
-        for name in self.adapters_to_merge(adapter_names):
-            vector = self.ia3_l[name].data
-            new_weight = base.weight.data * self.weight_scaling(vector)
-            new_bias = None
-            # scaling the input leaves the bias alone; scaling the output scales it too
-            if not self.is_feedforward and getattr(base, "bias", None) is not None:
-                new_bias = base.bias.data * vector.reshape(base.bias.shape)
-            if safe_merge:
-                check_finite(new_weight, name)
-                if new_bias is not None:
-                    check_finite(new_bias, name, "merged bias")
-            base.weight.data = new_weight.to(base.weight.dtype)
-            if new_bias is not None:
-                base.bias.data = new_bias.to(base.bias.dtype)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Divide the merged vectors back out: exact only while no value is close to 0."""
-        if not self.merged:
-            warnings.warn("Already unmerged; nothing to do")
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            vector = self.ia3_l[name].data
-            self._warn_if_inexact(name, vector)
-            base.weight.data = (base.weight.data / (self.weight_scaling(vector) + UNMERGE_EPS)).to(base.weight.dtype)
-            if not self.is_feedforward and getattr(base, "bias", None) is not None:
-                base.bias.data = (base.bias.data / (vector.reshape(base.bias.shape) + UNMERGE_EPS)).to(base.bias.dtype)
-
-    def _warn_if_inexact(self, adapter_name: str, vector: torch.Tensor) -> None:
-        small = vector.abs() < INEXACT_BELOW
-        if not small.any():
-            return
-        zeros = int((vector == 0).sum())
-        lost = f"; {zeros} are exactly 0, so those weights are lost (set to 0)" if zeros else ""
-        warnings.warn(
-            f"(IA)^3 unmerge of adapter {adapter_name!r} in {self._module_name or type(self.get_base_layer()).__name__}: "
-            f"{int(small.sum())} of {vector.numel()} scaling values are below {INEXACT_BELOW:g} in magnitude "
-            f"(smallest {vector.abs().min().item():.3g}); dividing by them does not restore the base weights "
-            f"exactly{lost}. Reload the base model for exact weights.",
-            stacklevel=3,
-        )
+    def bias_scaling(self, adapter_name: str) -> torch.Tensor | None:
+        # scaling the input leaves the bias alone; scaling the output scales it too
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if self.is_feedforward or bias is None:
+            return None
+        return self.ia3_l[adapter_name].data.reshape(bias.shape)
 
     # -- running ------------------------------------------------------------------
 
@@ -126,15 +69,7 @@ class IA3Layer(AdapterLayer):
                 result = self.ia3_l[name] if result is None else result * self.ia3_l[name]
         return result
 
-    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         vector = self.combined_vector(self.active_adapters)
         if vector is None:
             return self.base_layer(x, *args, **kwargs)
@@ -168,13 +103,13 @@ class Linear(IA3Layer):
         super().__init__(base_layer, in_features, out_features, config.is_feedforward(module_name), module_name)
         self.fan_in_fan_out = config.fan_in_fan_out
         self.is_target_conv_1d_layer = config.fan_in_fan_out
-        self.update_layer(adapter_name, config, module_name)
+        self.create_adapter(adapter_name, config)
 
     def vector_shape(self) -> tuple[int, ...]:
         return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
 
-    def weight_scaling(self, vector: torch.Tensor) -> torch.Tensor:
-        return _transpose(vector, self.fan_in_fan_out)
+    def weight_scaling(self, adapter_name: str) -> torch.Tensor:
+        return transpose(self.ia3_l[adapter_name].data, self.fan_in_fan_out)
 
     def broadcast(self, vector: torch.Tensor, ndim: int) -> torch.Tensor:
         return vector.flatten().view(*([1] * (ndim - 1)), -1)
@@ -185,9 +120,6 @@ class Linear(IA3Layer):
             return self.base_layer(scaled, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         return (result * scaling).to(result.dtype)
-
-    def __repr__(self) -> str:
-        return "ia3." + super().__repr__()
 
 
 class _ConvNd(IA3Layer):
@@ -200,13 +132,14 @@ class _ConvNd(IA3Layer):
             raise ValueError(f"{module_name}: {type(self).__name__} needs a {self.kernel_dim}-d kernel, got {base_layer.weight.dim()}-d")
         super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, config.is_feedforward(module_name), module_name)
         self.fan_in_fan_out = False
-        self.update_layer(adapter_name, config, module_name)
+        self.create_adapter(adapter_name, config)
 
     def vector_shape(self) -> tuple[int, ...]:
         channels = self.in_features if self.is_feedforward else self.out_features
         return (1, channels) + (1,) * (self.kernel_dim - 2)
 
-    def weight_scaling(self, vector: torch.Tensor) -> torch.Tensor:
+    def weight_scaling(self, adapter_name: str) -> torch.Tensor:
+        vector = self.ia3_l[adapter_name].data
         if not self.is_feedforward:
             return vector.transpose(0, 1)  # one factor per output channel
         base = self.get_base_layer()
@@ -229,9 +162,6 @@ class _ConvNd(IA3Layer):
         else:
             result = self.base_layer(x, *args, **kwargs).to(scaling.dtype) * scaling
         return result.to(previous_dtype)
-
-    def __repr__(self) -> str:
-        return "ia3." + super().__repr__()
 
 
 class Conv2d(_ConvNd):

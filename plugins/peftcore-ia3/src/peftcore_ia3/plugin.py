@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from peftcore import LayerSupport, Method, hookimpl
+from peftcore.serialization import tensors_by_module
 
 from peftcore_ia3.config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, PEFTCORE_ONLY_FIELDS, IA3Config
 from peftcore_ia3.layer import Conv2d, Conv3d, IA3Layer, Linear
@@ -41,32 +42,25 @@ def register_layer_support(register):
 
 @hookimpl
 def default_target_modules(config, model_type):
-    if not isinstance(config, IA3Config):
-        return None
-    if model_type not in DEFAULT_TARGET_MODULES:
-        # answering None would let the core fall back to LoRA's attention defaults
-        raise ValueError(
-            f"IA3Config: target_modules is None and PEFT has no IA3 default for model_type {model_type!r}; "
-            f"pass target_modules (and feedforward_modules). Known: {', '.join(sorted(DEFAULT_TARGET_MODULES))}"
-        )
-    return list(DEFAULT_TARGET_MODULES[model_type])
-
-
-@hookimpl(tryfirst=True)
-def is_target_module(config, module_name, module, model):
-    """Resolve ``feedforward_modules`` from PEFT's table before the first layer is wrapped.
-
-    Answers None, so the core's matching rules still decide what is a target.
-    """
-    if isinstance(config, IA3Config) and config.feedforward_modules is None:
-        model_type = _model_type(model)
-        if model_type not in DEFAULT_FEEDFORWARD_MODULES:
-            raise ValueError(
-                f"IA3Config: feedforward_modules is None and PEFT has no IA3 default for model_type {model_type!r}; "
-                "pass feedforward_modules explicitly (a list, possibly empty, of target names whose input is scaled)"
-            )
-        config.feedforward_modules = set(DEFAULT_FEEDFORWARD_MODULES[model_type])
+    if isinstance(config, IA3Config) and model_type in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[model_type])
     return None
+
+
+@hookimpl
+def prepare_config(config, model):
+    """``feedforward_modules`` from PEFT's table when None (the core resolves ``target_modules`` after this)."""
+    if not isinstance(config, IA3Config) or config.feedforward_modules is not None:
+        return
+    model_type = _model_type(model)
+    if model_type not in DEFAULT_FEEDFORWARD_MODULES:
+        if config.target_modules is None:
+            return  # the core asks for target_modules first; feedforward_modules come with them
+        raise ValueError(
+            f"IA3Config: feedforward_modules is None and PEFT has no IA3 default for model_type {model_type!r}; "
+            "pass feedforward_modules explicitly (a list, possibly empty, of target names whose input is scaled)"
+        )
+    config.feedforward_modules = set(DEFAULT_FEEDFORWARD_MODULES[model_type])
 
 
 @hookimpl
@@ -78,6 +72,23 @@ def config_to_dict(config):
         if data[name] is None:
             del data[name]
     return data
+
+
+@hookimpl
+def check_adapter_files(config, tensors):
+    """A 2-D vector scales the input (1 x in) of a feedforward module and the output (out x 1) of any other."""
+    if not isinstance(config, IA3Config) or config.feedforward_modules is None:
+        return None
+    problems = []
+    for module, parts in sorted(tensors_by_module(tensors, TENSOR_PREFIXES).items()):
+        vector = parts.get("ia3_l")
+        if vector is None or vector.dim() != 2:
+            continue  # convolutions keep (1, C, 1, ...) for both roles
+        feedforward = config.is_feedforward(module)
+        if (vector.shape[0] != 1) if feedforward else (vector.shape[1] != 1):
+            want = "(1, in) for a feedforward module" if feedforward else "(out, 1)"
+            problems.append(f"{module}: ia3_l has shape {tuple(vector.shape)}, expected {want} (feedforward_modules)")
+    return problems
 
 
 @hookimpl

@@ -8,6 +8,55 @@ from typing import Literal, Optional, Union
 
 from peftcore import LayerConfig
 
+# Default targets when target_modules is None: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+# (peft 0.21), plus architectures PEFT lacks (distilbert, mbart, phi3, gemma3, vit). A string is a regex.
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "layoutlm": ["query", "value"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "btlm": ["c_proj", "c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "RefinedWebModel": ["query_key_value"],
+    "chatglm": ["query_key_value"],
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma3": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value
+}
 SUPPORTED_INITS = (True, False, "gaussian", "pissa", "olora")
 # Fields PEFT writes that peftcore-lora accepts only at their "off" value.
 UNSUPPORTED_WHEN_SET = (

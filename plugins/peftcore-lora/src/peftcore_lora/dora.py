@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    return weight.T if fan_in_fan_out else weight
+from peftcore.layer import transpose
 
 
 class DoraLinearLayer(nn.Module):
@@ -25,7 +23,7 @@ class DoraLinearLayer(nn.Module):
         return lora_B @ lora_A
 
     def get_weight_norm(self, weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
-        weight = _transpose(weight, self.fan_in_fan_out) + scaling * lora_weight
+        weight = transpose(weight, self.fan_in_fan_out) + scaling * lora_weight
         return torch.linalg.norm(weight, dim=1).to(weight.dtype)
 
     def update_layer(self, *, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
@@ -44,21 +42,21 @@ class DoraLinearLayer(nn.Module):
             if getattr(base_layer, "bias", None) is not None:
                 base_result = base_result - base_layer.bias
         else:
-            base_result = F.linear(x, _transpose(weight, self.fan_in_fan_out))
+            base_result = F.linear(x, transpose(weight, self.fan_in_fan_out))
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
 
     def scale(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """magnitude / ||W + ΔW|| with the norm detached (``delta`` already scaled)."""
-        norm = self.get_weight_norm(weight, _transpose(delta, self.fan_in_fan_out).detach(), 1.0).detach()
+        norm = self.get_weight_norm(weight, transpose(delta, self.fan_in_fan_out).detach(), 1.0).detach()
         return self.weight / norm
 
     def merged_weight(self, weight: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = self.get_weight_norm(weight, _transpose(delta, self.fan_in_fan_out), 1.0).detach()
-        factor = _transpose((self.weight / norm).view(-1, 1), self.fan_in_fan_out)
+        norm = self.get_weight_norm(weight, transpose(delta, self.fan_in_fan_out), 1.0).detach()
+        factor = transpose((self.weight / norm).view(-1, 1), self.fan_in_fan_out)
         return factor * (weight + delta), norm
 
     def unmerged_weight(self, weight: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        factor = _transpose((self.weight / norm).view(-1, 1), self.fan_in_fan_out)
+        factor = transpose((self.weight / norm).view(-1, 1), self.fan_in_fan_out)
         return weight / factor - delta
 
 

@@ -31,9 +31,11 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module_globals
 
-from peftcore_lora import rebuild
+from peftcore.layer import BASE_ADAPTER
 
-BASE_ADAPTER = "__base__"
+from peftcore_lora import kernels, rebuild
+from peftcore_lora.kernels import stack_padded
+
 _ENV_DISABLE = "PEFTCORE_LORA_FAST"  # "0" switches every fast path off (for A/B comparisons)
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,19 +58,6 @@ def _base_types() -> tuple[type, ...]:
     if _BASE_TYPES is None:
         _BASE_TYPES = (nn.Linear, _conv1d_type())
     return _BASE_TYPES
-
-
-_LINEAR_CLASS = None
-
-
-def applies_to(layer) -> bool:
-    """Only peftcore-lora's own ``Linear`` maths (a subclass changing ``adapter_output`` keeps its own)."""
-    global _LINEAR_CLASS
-    if _LINEAR_CLASS is None:
-        from peftcore_lora.layer import Linear
-
-        _LINEAR_CLASS = Linear
-    return isinstance(layer, _LINEAR_CLASS) and type(layer).adapter_output is _LINEAR_CLASS.adapter_output
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -303,8 +292,6 @@ def linear_forward(layer, x: torch.Tensor):
     out_shape = x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],)
     x2d = x.reshape(-1, in_features)
 
-    from peftcore_lora import kernels
-
     if kernels.usable(x2d):
         y = kernels.fused_lora_linear(x2d, weight, bias, fan_in_fan_out, adapters)
         if y is not None:
@@ -324,21 +311,6 @@ def linear_forward(layer, x: torch.Tensor):
 
 
 # -- mixed-adapter batches -----------------------------------------------------------
-
-
-def _stack_padded(tensors: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:
-    """Stack (r_i, ...) or (..., r_i) matrices, zero-padding the rank dim to ``size``."""
-    if all(t.shape[dim] == size for t in tensors):
-        return torch.stack(tensors)
-    padded = []
-    for t in tensors:
-        pad = size - t.shape[dim]
-        if pad:
-            shape = list(t.shape)
-            shape[dim] = pad
-            t = torch.cat([t, t.new_zeros(shape)], dim=dim)
-        padded.append(t)
-    return torch.stack(padded)
 
 
 def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: torch.Tensor):
@@ -381,8 +353,6 @@ def mixed_batch_delta(layer, x: torch.Tensor, adapter_names: list[str], result: 
         x3 = x3.index_select(0, rows_t)
     picks = [row_adapter[i] for i in rows]
 
-    from peftcore_lora import kernels
-
     delta = kernels.segmented_lora(x3, As, Bs, biases, scalings, picks) if kernels.usable(x3) and not grad else None
     all_rows = len(rows) == len(row_adapter)
     if delta is None:
@@ -420,8 +390,8 @@ def _grouped_delta(x3, As, Bs, biases, scalings, picks: list[int], out: torch.Te
             delta = delta + biases[0] * scalings[0]
         return delta.view(*x3.shape[:2], -1)
     # one gather per factor, straight into per-row stacks (no stack-then-index double copy)
-    A_rows = _stack_padded([As[k] for k in picks], 0, r_max)  # (rows, r, in)
-    B_rows = _stack_padded([Bs[k] for k in picks], 1, r_max)  # (rows, out, r)
+    A_rows = stack_padded([As[k] for k in picks], 0, r_max)  # (rows, r, in)
+    B_rows = stack_padded([Bs[k] for k in picks], 1, r_max)  # (rows, out, r)
     scale = torch.tensor([scalings[k] for k in picks], dtype=x3.dtype, device=device).view(-1, 1, 1)
     xa = torch.bmm(x3, A_rows.transpose(1, 2)).mul_(scale) if out is not None else torch.bmm(x3, A_rows.transpose(1, 2)) * scale
     if has_bias:

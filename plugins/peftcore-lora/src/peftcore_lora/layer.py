@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftcore import AdapterLayer
-from peftcore.layer import check_finite, linear_features, rows_by_adapter
+from peftcore.layer import linear_features, rows_by_adapter, transpose
 
 from peftcore_lora import fast
 from peftcore_lora import init as lora_init
 from peftcore_lora.dora import DoraConv2dLayer, DoraEmbeddingLayer, DoraLinearLayer
-
-BASE_ADAPTER = "__base__"
-
-
-def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    return weight.T if fan_in_fan_out else weight
 
 
 def _uninitialised(module_class, *args, **kwargs) -> nn.Module:
@@ -55,8 +48,8 @@ class LoraLayer(AdapterLayer):
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
     peft_type = "LORA"
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int):
-        super().__init__(base_layer)
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, module_name: str = ""):
+        super().__init__(base_layer, module_name)
         self.in_features, self.out_features = in_features, out_features
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -72,7 +65,7 @@ class LoraLayer(AdapterLayer):
         self._weight_norm_cache: dict[str, torch.Tensor] = {}
 
     def update_layer(self, adapter_name: str, config, module_name: str = "") -> None:
-        r, alpha = config.rank_and_alpha(module_name or getattr(self, "_module_name", ""))
+        r, alpha = config.rank_and_alpha(module_name or self.module_name)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -81,20 +74,13 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.create_adapter_weights(adapter_name, r, config.lora_bias)
         self.initialize(adapter_name, config.init_lora_weights)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
         if config.use_dora:
+            self.place_adapter(adapter_name)  # the magnitude is computed from A, B and the base weight together
             self.lora_magnitude_vector[adapter_name] = self.make_dora_layer(config.fan_in_fan_out)
             lora_A, lora_B = self.lora_weights(adapter_name)
             self.lora_magnitude_vector[adapter_name].update_layer(
                 base_layer=self.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[adapter_name]
             )
-        if not self.active_adapters or adapter_name in self.active_adapters:
-            self.set_adapter(self.active_adapters or [adapter_name])
-        else:  # a new adapter beside active ones starts inactive; touching only its flags keeps adding flat
-            for attr in self.adapter_layer_names:
-                holder = getattr(self, attr)
-                if adapter_name in holder:
-                    holder[adapter_name].requires_grad_(False)
 
     def set_scale(self, adapter_name: str, scale: float) -> None:
         """Multiply the adapter's scaling (PEFT's ``set_scale``: alpha/r times ``scale``)."""
@@ -127,88 +113,60 @@ class LoraLayer(AdapterLayer):
 
     # -- merging --------------------------------------------------------------------
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        base = self.get_base_layer()
-        for name in self.adapters_to_merge(adapter_names):
-            delta = self.delta_weight(name)
-            if self.use_dora.get(name):
-                new_weight, weight_norm = self.lora_magnitude_vector[name].merged_weight(base.weight.data, delta)
-            else:
-                new_weight, weight_norm = base.weight.data + delta.to(base.weight.dtype), None
-            bias_delta = self.lora_B[name].bias * self.scaling[name] if self.lora_bias.get(name) else None
-            if bias_delta is not None and getattr(base, "bias", None) is None:
-                raise ValueError(
-                    f"Cannot merge adapter {name!r} into {self._module_name or type(base).__name__}: lora_bias=True "
-                    "but the base layer has no bias to merge into"
-                )
-            if safe_merge:
-                check_finite(new_weight, name)
-                if bias_delta is not None:
-                    check_finite(base.bias.data + bias_delta, name, "merged bias")
-            base.weight.data = new_weight.to(base.weight.dtype)
-            if bias_delta is not None:
-                base.bias.data += bias_delta.to(base.bias.dtype)
-            if weight_norm is not None:
-                self._weight_norm_cache[name] = weight_norm
-            self.merged_adapters.append(name)
+    def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        if not self.lora_bias.get(adapter_name):
+            return None
+        return self.lora_B[adapter_name].bias * self.scaling[adapter_name]
 
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged; nothing to do")
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            delta = self.delta_weight(name)
-            if self.use_dora.get(name):
-                weight_norm = self._weight_norm_cache.pop(name)
-                base.weight.data = self.lora_magnitude_vector[name].unmerged_weight(base.weight.data, delta, weight_norm)
-            else:
-                base.weight.data -= delta.to(base.weight.dtype)
-            if self.lora_bias.get(name):
-                base.bias.data -= (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+    def merge_one(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        if not self.use_dora.get(name):
+            return super().merge_one(name, weight, bias)
+        merged, weight_norm = self.lora_magnitude_vector[name].merged_weight(weight, self.delta_weight(name))
+        self._weight_norm_cache[name] = weight_norm  # unmerging divides by the norm used here
+        return merged, bias
+
+    def unmerge_one(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        if not self.use_dora.get(name):
+            return super().unmerge_one(name, weight, bias)
+        weight_norm = self._weight_norm_cache.pop(name)
+        return self.lora_magnitude_vector[name].unmerged_weight(weight, self.delta_weight(name), weight_norm), bias
 
     # -- running ----------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if not self.merged and not args and not kwargs and fast.applies_to(self):
+    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
+        """``B(A(dropout(x))) · s`` with A and B modules (Linear, Conv2d); DoRA rescales with its magnitude."""
+        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        x = x.to(lora_A.weight.dtype)
+        scaling = self.scaling[name]
+        if not self.use_dora.get(name):
+            return lora_B(lora_A(dropout(x))) * scaling
+        if isinstance(dropout, nn.Identity) or not self.training:
+            dora_base = base_result
+        else:
+            x, dora_base = dropout(x), None
+        return self.lora_magnitude_vector[name](
+            x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=self.get_base_layer(), base_result=dora_base
+        )
+
+    fast_path_applies = False  # peftcore-lora's own Linear maths, which fast.py computes exactly
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs and self.fast_path_applies:
             fused = fast.linear_forward(self, x)  # None: preconditions not met, run the plain path
             if fused is not None:
                 return fused
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        result_dtype = result.dtype
-        for name in self.active_adapters:
-            if name in self.r:
-                result = result + self.adapter_output(name, x, result).to(result_dtype)
-        return result
-
-    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
-        """What adapter ``name`` adds to the base layer's output for input ``x``."""
-        raise NotImplementedError
+        return super().adapted_forward(x, *args, **kwargs)
 
     def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         groups = rows_by_adapter(adapter_names, x.shape[0])
         if any(self.use_dora.get(n) for n in groups):
             raise ValueError("Mixed-adapter batches are not supported with DoRA adapters")
         result = self.base_layer(x, *args, **kwargs)
-        if not args and not kwargs and fast.applies_to(self):
+        if not args and not kwargs and self.fast_path_applies:
             grouped = fast.mixed_batch_delta(self, x, adapter_names, result)  # None: leaves result untouched
             if grouped is not None:
                 return grouped
-        for name, rows in groups.items():
-            if name == BASE_ADAPTER or name not in self.r:
-                continue
-            sub = x[rows]
-            result[rows] = result[rows] + self.adapter_output(name, sub, result[rows]).to(result.dtype)
-        return result
+        return self.add_outputs_by_row(x, result, groups)
 
 
 class Linear(LoraLayer):
@@ -216,10 +174,14 @@ class Linear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = ""):
         in_features, out_features = linear_features(base_layer, config, module_name)
-        super().__init__(base_layer, in_features, out_features)
+        super().__init__(base_layer, in_features, out_features, module_name)
         self.fan_in_fan_out = config.fan_in_fan_out
-        self._module_name = module_name
-        self.update_layer(adapter_name, config, module_name)
+        self.create_adapter(adapter_name, config)
+
+    @property
+    def fast_path_applies(self) -> bool:
+        # a subclass that changes adapter_output keeps its own maths
+        return type(self).adapter_output is LoraLayer.adapter_output
 
     def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name] = _uninitialised(nn.Linear, self.in_features, r, bias=False)
@@ -234,31 +196,13 @@ class Linear(LoraLayer):
         delta = transpose(b.to(compute_dtype) @ a.to(compute_dtype), self.fan_in_fan_out) * self.scaling[adapter_name]
         return delta.to(a.dtype)
 
-    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        x = x.to(lora_A.weight.dtype)
-        scaling = self.scaling[name]
-        if not self.use_dora.get(name):
-            return lora_B(lora_A(dropout(x))) * scaling
-        if isinstance(dropout, nn.Identity) or not self.training:
-            dora_base = base_result
-        else:
-            x, dora_base = dropout(x), None
-        return self.lora_magnitude_vector[name](
-            x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=self.get_base_layer(), base_result=dora_base
-        )
-
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
-
 
 class Embedding(LoraLayer):
     """LoRA for ``nn.Embedding``: A starts at zero, B is normal (PEFT's choice)."""
 
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, config, module_name: str = ""):
-        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim)
-        self._module_name = module_name
-        self.update_layer(adapter_name, config, module_name)
+        super().__init__(base_layer, base_layer.num_embeddings, base_layer.embedding_dim, module_name)
+        self.create_adapter(adapter_name, config)
 
     def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         if lora_bias:
@@ -290,9 +234,6 @@ class Embedding(LoraLayer):
         mag_norm_scale = self.lora_magnitude_vector[name].scale(self.get_base_layer().weight, self.delta_weight(name))
         return mag_norm_scale * (base_result + lora_out) - base_result
 
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
-
 
 class Conv2d(LoraLayer):
     """LoRA for ``nn.Conv2d``: A copies the base kernel geometry, B is 1x1."""
@@ -300,9 +241,8 @@ class Conv2d(LoraLayer):
     def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config, module_name: str = ""):
         if base_layer.groups != 1:
             raise ValueError(f"{module_name}: LoRA for grouped convolutions (groups={base_layer.groups}) is not supported")
-        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels)
-        self._module_name = module_name
-        self.update_layer(adapter_name, config, module_name)
+        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, module_name)
+        self.create_adapter(adapter_name, config)
 
     def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
@@ -319,19 +259,3 @@ class Conv2d(LoraLayer):
         else:
             delta = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
         return delta * self.scaling[adapter_name]
-
-    def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        x = x.to(lora_A.weight.dtype)
-        if not self.use_dora.get(name):
-            return lora_B(lora_A(dropout(x))) * self.scaling[name]
-        if isinstance(dropout, nn.Identity) or not self.training:
-            dora_base = base_result
-        else:
-            x, dora_base = dropout(x), None
-        return self.lora_magnitude_vector[name](
-            x, lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[name], base_layer=self.get_base_layer(), base_result=dora_base
-        )
-
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()

@@ -8,9 +8,10 @@ from torch import nn
 
 from peftcore import LayerSupport, Method, hookimpl
 from peftcore.method import strip_adapter_name
+from peftcore.serialization import tensors_by_module
 
 from peftcore_lora import weighted
-from peftcore_lora.config import LoraConfig, matches_pattern
+from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoraConfig, matches_pattern
 from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
 
 __all__ = ["LoraConfig", "LoraLayer"]
@@ -34,8 +35,6 @@ def lora_disk_key(key: str, adapter_name: str, config: LoraConfig) -> str | None
     return None
 
 
-
-
 @hookimpl
 def register_methods(register):
     register(Method(peft_type="LORA", name="lora", config_class=LoraConfig, tensor_prefixes=TENSOR_PREFIXES,
@@ -50,6 +49,13 @@ def register_layer_support(register):
     register(LayerSupport("LORA", Conv1D, Linear))
     register(LayerSupport("LORA", nn.Embedding, Embedding))
     register(LayerSupport("LORA", nn.Conv2d, Conv2d))
+
+
+@hookimpl
+def default_target_modules(config, model_type):
+    if isinstance(config, LoraConfig):
+        return DEFAULT_TARGET_MODULES.get(model_type)
+    return None
 
 
 @hookimpl
@@ -71,6 +77,32 @@ def adapter_injected(model, config, adapter_name):
             param.requires_grad_(True)
         elif config.bias == "lora_only" and name.endswith(".base_layer.bias"):
             param.requires_grad_(True)
+
+
+@hookimpl
+def check_adapter_files(config, tensors):
+    """Every module has A and B, with r (after ``rank_pattern``) rows and columns; DoRA's magnitude fits B."""
+    if not isinstance(config, LoraConfig):
+        return None
+    problems = []
+    for module, parts in sorted(tensors_by_module(tensors, TENSOR_PREFIXES).items()):
+        r = config.rank_and_alpha(module)[0]
+        for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+            a, b = parts.get(a_name), parts.get(b_name)
+            if a is None and b is None:
+                continue
+            if a is None or b is None:
+                problems.append(f"{module}: has {a_name if a is not None else b_name} but not its partner")
+                continue
+            rows, cols = a.shape[0], (b.shape[1] if b.dim() > 1 else None)  # Linear, Conv and Embedding alike
+            if rows != r or cols != r:
+                problems.append(f"{module}: {a_name} has {rows} rows and {b_name} {cols} columns; config says r={r}")
+        magnitude = parts.get("lora_magnitude_vector")
+        if config.use_dora and magnitude is None:
+            problems.append(f"{module}: use_dora is set but the file has no lora_magnitude_vector")
+        elif magnitude is not None and not config.use_dora:
+            problems.append(f"{module}: has a DoRA lora_magnitude_vector but the config says use_dora=false")
+    return problems
 
 
 @hookimpl

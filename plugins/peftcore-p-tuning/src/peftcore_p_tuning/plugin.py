@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from peftcore import Method, hookimpl
-from peftcore.prompt_learning import load_prompt_learning_state_dict, prompt_learning_state_dict, word_embeddings
+from peftcore.prompt_learning import (
+    check_prompt_embeddings,
+    load_prompt_learning_state_dict,
+    prompt_learning_state_dict,
+    word_embeddings,
+)
 
 from peftcore_p_tuning.config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from peftcore_p_tuning.model import PromptEncoder
@@ -37,3 +42,10 @@ def load_adapter_state_dict(model, config, adapter_name, state_dict):
     if not isinstance(config, PromptEncoderConfig):
         return None
     return load_prompt_learning_state_dict(model, adapter_name, state_dict)
+
+
+@hookimpl
+def check_adapter_files(config, tensors):
+    if not isinstance(config, PromptEncoderConfig):
+        return None
+    return check_prompt_embeddings(config, tensors, config.token_dim)

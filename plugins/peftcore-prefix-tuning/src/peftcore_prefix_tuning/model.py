@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from peftcore.prompt_learning import (
-    PromptLearningAdapter, batch_and_length, cache_argument, extend_attention_mask, generation_expand_size, is_encoder_decoder,
+    PromptLearningAdapter,
+    batch_and_length,
+    cache_argument,
+    extend_attention_mask,
+    generation_expand_size,
+    is_encoder_decoder,
 )
 
 from peftcore_prefix_tuning.config import PrefixTuningConfig

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from peftcore import Method, hookimpl
-from peftcore.prompt_learning import load_prompt_learning_state_dict, prompt_learning_state_dict, word_embeddings
+from peftcore.prompt_learning import (
+    check_prompt_embeddings,
+    load_prompt_learning_state_dict,
+    prompt_learning_state_dict,
+    word_embeddings,
+)
 
 from peftcore_prefix_tuning.config import PrefixTuningConfig
 from peftcore_prefix_tuning.model import GRADIENT_CHECKPOINTING_ERROR, PrefixEncoder, uses_gradient_checkpointing
@@ -39,3 +44,10 @@ def load_adapter_state_dict(model, config, adapter_name, state_dict):
     if not isinstance(config, PrefixTuningConfig):
         return None
     return load_prompt_learning_state_dict(model, adapter_name, state_dict)
+
+
+@hookimpl
+def check_adapter_files(config, tensors):
+    if not isinstance(config, PrefixTuningConfig):
+        return None
+    return check_prompt_embeddings(config, tensors, None if None in (config.num_layers, config.token_dim) else config.num_layers * 2 * config.token_dim)

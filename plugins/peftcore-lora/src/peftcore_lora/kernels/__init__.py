@@ -131,17 +131,31 @@ def fused_lora_linear(x2d, weight, bias, fan_in_fan_out: bool, adapters):
         return None
 
 
+def stack_padded(tensors: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:
+    """Stack (r_i, ...) or (..., r_i) matrices, zero-padding the rank dim to ``size``."""
+    if all(t.shape[dim] == size for t in tensors):
+        return torch.stack(tensors)
+    padded = []
+    for t in tensors:
+        pad = size - t.shape[dim]
+        if pad:
+            shape = list(t.shape)
+            shape[dim] = pad
+            t = torch.cat([t, t.new_zeros(shape)], dim=dim)
+        padded.append(t)
+    return torch.stack(padded)
+
+
 def segmented_lora(x3, As, Bs, biases, scalings, picks):
     """Mixed batch: the LoRA delta of every row (x3: (rows, T, in)) with its own adapter, or None."""
-    from peftcore_lora.fast import _stack_padded
     from peftcore_lora.kernels import triton_lora as tk
 
     r_max = max(A.shape[0] for A in As)
     if r_max > tk.MAX_RANK:
         return None
     try:
-        A_st = _stack_padded(As, 0, r_max)  # (K, r, in)
-        B_st = _stack_padded(Bs, 1, r_max)  # (K, out, r)
+        A_st = stack_padded(As, 0, r_max)  # (K, r, in)
+        B_st = stack_padded(Bs, 1, r_max)  # (K, out, r)
         idx = torch.tensor(picks, dtype=torch.int32, device=x3.device)
         lb = None
         if any(b is not None for b in biases):

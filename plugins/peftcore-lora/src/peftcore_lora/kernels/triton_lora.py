@@ -215,7 +215,6 @@ def expand(
     dummy = out
     xs = x3.stride() if x3 is not None else (0, 0, 0)
     rs = res.stride() if res is not None else (0, 0, 0)
-    kwargs = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
     expand_k[grid](
         x3 if x3 is not None else dummy, W if W is not None else dummy, bias if bias is not None else dummy,
         xa, B3, lb if lb is not None else dummy, scale, idx if idx is not None else scale,

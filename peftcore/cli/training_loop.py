@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from peftcore.assets import LabelledText
-from peftcore.data import PromptCompletions
+from peftcore.cli.datasets import LabelledText, PromptCompletions
+from peftcore.loop_hooks import optimizer_step_done
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips (transformers' convention)
 
@@ -132,9 +132,6 @@ def fit(model: nn.Module, examples: list[dict], pad_token_id: int, settings: Tra
     """AdamW with linear warm-up and decay over ``settings.epochs`` (fractional epochs allowed); returns step losses."""
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    # PEFT's convention for methods that adapt during training (AdaLoRA's rank allocation):
-    # called with the step number after the optimizer step, while the gradients are still there.
-    per_step = getattr(model, "update_and_allocate", None)
     steps = total_steps(len(examples), settings)
     warmup = int(steps * settings.warmup_ratio)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -151,8 +148,7 @@ def fit(model: nn.Module, examples: list[dict], pad_token_id: int, settings: Tra
                 raise FloatingPointError(f"training loss became {loss.item()} at step {len(losses) + 1}; lower --lr")
             loss.backward()
             optimizer.step()
-            if per_step is not None:
-                per_step(len(losses))
+            optimizer_step_done(model, len(losses))  # while the gradients are still there (AdaLoRA scores them)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())

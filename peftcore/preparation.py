@@ -1,4 +1,4 @@
-"""Training helpers that do not depend on a method."""
+"""Preparing a base model for adapter training, whatever the method: freezing, upcasting, input grads."""
 
 from __future__ import annotations
 
@@ -34,3 +34,15 @@ def enable_input_grads(model: nn.Module) -> None:
         return
     embeddings = model.get_input_embeddings()
     embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5; the old name warns there
+    return bool(on if on is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
+def require_input_grads(model: nn.Module) -> None:
+    """Exactly one input-grad hook on ``model``'s embeddings (transformers may have added one already)."""
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    enable_input_grads(model)

@@ -1,0 +1,308 @@
+"""``LayerTuner``: a model with adapter layers injected (PEFT's ``BaseTuner``: ``LoraModel``, ...).
+
+One walk over the model finds the targets (``is_target_module`` hook) and
+wraps each with the most specific registered wrapper (``register_layer_support``);
+everything after that is bookkeeping across the injected layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+
+from torch import nn
+
+from peftcore import matching
+from peftcore.layer import AdapterLayer
+from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+from peftcore.plugins import hooks, layer_supports, method_for_config, pick_layer_support
+from peftcore.walking import set_submodule, walk_modules
+
+WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)  # candidates for a new adapter never live inside one
+
+
+class LayerTuner(nn.Module):
+    """Holds the wrapped model as ``self.model`` and the configs in ``self.peft_config``."""
+
+    def __init__(self, model: nn.Module, config, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict = {}
+        self._active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(config, adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        output = self.model(*args, **kwargs)
+        hooks.process_model_output(model=self, output=output)
+        return output
+
+    # -- layers ----------------------------------------------------------------
+
+    def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
+        return [(name, m) for name, m in walk_modules(self.model) if isinstance(m, AdapterLayer)]
+
+    def saved_module_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
+        return [(name, m) for name, m in walk_modules(self.model) if isinstance(m, ModulesToSaveWrapper)]
+
+    # -- injection -------------------------------------------------------------
+
+    def inject_adapter(self, config, adapter_name: str) -> None:
+        method = method_for_config(config)
+        for existing_name, existing in self.peft_config.items():
+            if existing.peft_type != config.peft_type:
+                raise ValueError(
+                    f"Cannot add a {config.peft_type} adapter {adapter_name!r} next to the {existing.peft_type} adapter "
+                    f"{existing_name!r}: one model holds adapters of one method"
+                )
+        hooks.prepare_config(config=config, model=self.model)
+        self.peft_config[adapter_name] = config
+        try:
+            self._wrap_modules_to_save(config, adapter_name)
+            self._wrap_targets(method, config, adapter_name)
+        except Exception:
+            self._remove_partial(adapter_name)
+            raise
+        self._freeze_all_but_adapters(new_adapter=adapter_name)
+        hooks.adapter_injected(model=self, config=config, adapter_name=adapter_name)
+        if config.inference_mode:
+            self._freeze_adapter(adapter_name)
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        for _, layer in self.adapter_layers():
+            for attr in layer.adapter_layer_names:
+                holder = getattr(layer, attr)
+                if adapter_name in holder:
+                    holder[adapter_name].requires_grad_(False)
+        for _, wrapper in self.saved_module_wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.modules_to_save[adapter_name].requires_grad_(False)
+
+    def _wrap_targets(self, method, config, adapter_name: str) -> None:
+        matched = 0
+        wrapped_prefix = None  # descendants of a module just wrapped follow it in pre-order: skip them
+        for key, target in list(walk_modules(self.model, stop_at=WRAPPERS)):
+            if not key or (wrapped_prefix is not None and key.startswith(wrapped_prefix)):
+                continue
+            if not hooks.is_target_module(config=config, module_name=key, module=target, model=self.model):
+                continue
+            matched += 1
+            if isinstance(target, AdapterLayer):
+                if target.peft_type != method.peft_type:
+                    raise ValueError(f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top")
+                target.create_adapter(adapter_name, config, module_name=key)
+                continue
+            support = pick_layer_support(method.peft_type, target, config)
+            if support is None:
+                known = sorted({s.base_type.__name__ for s in layer_supports() if s.peft_type == method.peft_type})
+                raise ValueError(
+                    f"Target module {key} is a {type(target).__module__}.{type(target).__name__}, which {method.name} "
+                    f"cannot wrap; supported layer types: {', '.join(known) or 'none'}"
+                )
+            wrapper = support.factory(target, adapter_name, config, key)
+            # wrappers written for hookspec 1 may leave both to the core
+            wrapper.module_name = key
+            wrapper.place_adapter(adapter_name)
+            set_submodule(self.model, key, wrapper)
+            wrapped_prefix = f"{key}."
+        if matched == 0:
+            raise ValueError(matching.describe_no_match(config, self.model))
+        # which adapters are active (and train) is settled by _freeze_all_but_adapters, which follows
+
+    def _wrap_modules_to_save(self, config, adapter_name: str) -> None:
+        names = getattr(config, "modules_to_save", None)
+        if not names:
+            return
+        wrap_modules_to_save(self.model, names, adapter_name, modules=walk_modules(self.model))
+        for _, wrapper in self.saved_module_wrappers():
+            wrapper.set_adapter(self._first_active())
+
+    def _remove_partial(self, adapter_name: str) -> None:
+        """Undo a failed injection so no half-registered adapter stays behind."""
+        self.peft_config.pop(adapter_name, None)
+        for key, layer in self.adapter_layers():
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                set_submodule(self.model, key, layer.get_base_layer())
+        for key, wrapper in self.saved_module_wrappers():
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.modules_to_save:
+                set_submodule(self.model, key, wrapper.original_module)
+
+    def _freeze_all_but_adapters(self, new_adapter: str | None = None) -> None:
+        """Freeze everything but the active adapters (PEFT's ``_mark_only_adapters_as_trainable``).
+
+        Costs the same with 2 or 16 adapters: the walk skips the per-adapter holders, and
+        a layer whose active adapters stay as they were only gets ``new_adapter``'s flags
+        set (it is inactive there); any other layer gets a full ``set_adapter``. Adding an
+        adapter to a merged layer unmerges it first, as PEFT does.
+        """
+        layers, saved = [], []
+        for _, module in walk_modules(self.model):
+            for param in module._parameters.values():
+                if param is not None:
+                    param.requires_grad_(False)
+            if isinstance(module, ModulesToSaveWrapper):
+                saved.append(module)
+            if isinstance(module, AdapterLayer):
+                layers.append(module)
+                for attr in module.other_param_names:
+                    holder = getattr(module, attr, None)
+                    if not isinstance(holder, nn.Module):
+                        continue
+                    if new_adapter is None:
+                        holder.requires_grad_(False)
+                    elif new_adapter in holder:  # the older entries were frozen when they came
+                        holder[new_adapter].requires_grad_(False)
+        active = self.active_adapters
+        for layer in layers:
+            if new_adapter is not None and layer.merged:
+                warnings.warn("Adapters were merged; unmerging before adding an adapter")
+                self._unmerge_layer(layer)
+            attrs = layer.adapter_layer_names + layer.other_param_names
+            present = [n for n in active if any(n in (getattr(layer, attr, None) or ()) for attr in attrs)]
+            if new_adapter is None or layer.active_adapters != present:
+                layer.set_adapter(active)
+                continue
+            for attr in layer.adapter_layer_names:  # the others' flags stand; only the newcomer's are set
+                holder = getattr(layer, attr, None)
+                if holder is not None and new_adapter in holder:
+                    holder[new_adapter].requires_grad_(new_adapter in present)
+        for wrapper in saved:
+            wrapper.set_adapter(self._first_active())
+
+    # -- activation --------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
+
+    def _first_active(self) -> str | None:
+        return self.active_adapters[0] if self.active_adapters else None
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(self.peft_config)}")
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                warnings.warn("Adapters were merged; unmerging before switching the active adapter")
+                layer.unmerge()
+            layer.set_adapter(names)
+        for _, wrapper in self.saved_module_wrappers():
+            wrapper.set_adapter(names)
+        self._active_adapter = adapter_name
+        if inference_mode:
+            for name in names:
+                self._freeze_adapter(name)
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for _, module in self.adapter_layers() + self.saved_module_wrappers():
+            module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        for _, layer in self.adapter_layers():
+            if layer.merged:
+                warnings.warn("Disabling adapters while merged: unmerging first so the base outputs are exact")
+                self._unmerge_layer(layer)
+        self._set_adapter_layers(False)
+
+    @contextmanager
+    def adapters_disabled(self):
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        for _, layer in self.adapter_layers():
+            layer.delete_adapter(adapter_name)
+        for _, wrapper in self.saved_module_wrappers():
+            wrapper.delete_adapter(adapter_name)
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self._active_adapter = remaining[0] if len(remaining) == 1 else remaining
+        if remaining:
+            self.set_adapter(self._active_adapter)
+
+    # -- merging ---------------------------------------------------------------
+
+    def _merge_layer(self, layer: AdapterLayer, adapter_names, safe_merge: bool) -> None:
+        names = layer.active_adapters if adapter_names is None else list(adapter_names)
+        hooks.merge_layer(layer=layer, adapter_names=names, safe_merge=safe_merge)
+
+    def _unmerge_layer(self, layer: AdapterLayer) -> None:
+        hooks.unmerge_layer(layer=layer)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge into every layer, or into none: a failure unmerges the layers merged so far."""
+        done = []
+        try:
+            for _, layer in self.adapter_layers():
+                was_merged = list(layer.merged_adapters)
+                self._merge_layer(layer, adapter_names, safe_merge)
+                if not was_merged and layer.merged:  # only these can be rolled back exactly
+                    done.append(layer)
+        except Exception:
+            for layer in done:
+                self._unmerge_layer(layer)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            self._unmerge_layer(layer)
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge)
+        for key, layer in self.adapter_layers():
+            set_submodule(self.model, key, layer.get_base_layer())
+        for key, wrapper in self.saved_module_wrappers():
+            set_submodule(self.model, key, wrapper.unwrapped())
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active (or given) adapters into the base weights and return the plain model."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging and return the plain model."""
+        return self._unload(merge=False)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **options) -> None:
+        """Create ``adapter_name`` from ``adapters`` (delegated to the method's ``combine_adapters``)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first")
+        missing = [a for a in adapters if a not in self.peft_config]
+        if missing:
+            raise ValueError(f"Unknown adapter(s) {missing}; existing adapters: {sorted(self.peft_config)}")
+        if len(adapters) != len(weights):
+            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+        handled = hooks.combine_adapters(
+            model=self, adapters=list(adapters), weights=list(weights), adapter_name=adapter_name,
+            combination_type=combination_type, options=options,
+        )
+        if not handled:
+            method = method_for_config(self.peft_config[adapters[0]])
+            raise NotImplementedError(f"{method.name} does not support combining adapters with {combination_type!r}")
