@@ -102,7 +102,11 @@ def _variants(triton_ok: bool):
 
 
 def layer_section(device: str, smoke: bool, triton_ok: bool) -> list[dict]:
-    shapes = [(64, 32, 48, 8)] if smoke else [(8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16), (4096, 4096, 4096, 64)]
+    shapes = (
+        [(64, 32, 48, 8)]
+        if smoke
+        else [(8192, 2048, 2048, 16), (8192, 2048, 5632, 16), (8192, 5632, 2048, 16), (4096, 4096, 4096, 64)]
+    )
     dtypes = [torch.float32] if smoke else [torch.bfloat16, torch.float16, torch.float32]
     rows = []
     for dtype in dtypes:
@@ -128,11 +132,17 @@ def layer_section(device: str, smoke: bool, triton_ok: bool) -> list[dict]:
                     xg = x.detach().requires_grad_()
                     fn(xg, W, A, B, s).backward(dy)
 
-                rows.append({
-                    "dtype": str(dtype).replace("torch.", ""), "shape": f"{n}x{d_in}->{d_out} r{r}", "variant": name,
-                    "max_abs_err_vs_fp64": err, "fwd_ms": bench_ms(fwd, device), "fwd_bwd_ms": bench_ms(fwd_bwd, device),
-                    "fwd_bwd_peak_mib": peak_mib(fwd_bwd, device),
-                })
+                rows.append(
+                    {
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "shape": f"{n}x{d_in}->{d_out} r{r}",
+                        "variant": name,
+                        "max_abs_err_vs_fp64": err,
+                        "fwd_ms": bench_ms(fwd, device),
+                        "fwd_bwd_ms": bench_ms(fwd_bwd, device),
+                        "fwd_bwd_peak_mib": peak_mib(fwd_bwd, device),
+                    }
+                )
                 A.grad = B.grad = None
     return rows
 
@@ -192,8 +202,16 @@ def _model(shape: str, device: str, dtype, smoke: bool):
     if smoke:
         hidden, inter, layers, heads, kv, vocab = 64, 128, 2, 4, 2, 256
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=2048, use_cache=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        use_cache=False,
+    )
     return LlamaForCausalLM(config).to(device, dtype), vocab
 
 
@@ -266,7 +284,17 @@ def model_section(smoke: bool, triton_ok: bool) -> list[dict]:
             for lib in libs:
                 if workload == "mixed" and lib == "base":
                     continue
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", shape, "--lib", lib, "--workload", workload]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    "--shape",
+                    shape,
+                    "--lib",
+                    lib,
+                    "--workload",
+                    workload,
+                ]
                 if smoke:
                     cmd.append("--smoke")
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -274,7 +302,11 @@ def model_section(smoke: bool, triton_ok: bool) -> list[dict]:
                     out.append({"shape": shape, "lib": lib, "workload": workload, "error": done.stderr[-1500:]})
                     continue
                 out.append(json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1]))
-                print(f"  {shape} {workload} {lib}: {out[-1].get('ms', {}).get('median', '?')}", file=sys.stderr, flush=True)
+                print(
+                    f"  {shape} {workload} {lib}: {out[-1].get('ms', {}).get('median', '?')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return out
 
 
@@ -286,11 +318,20 @@ def _fmt(ms: dict | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# LoRA on GPU: peftcore (Triton / PyTorch) vs peft", "", f"Device: {report['device']}; torch {report['torch']}, "
-             f"triton {report['triton']}; command `{report['command']}`.", ""]
-    lines += ["## One LoRA linear (ms, median (min-max); ratio to the unfused peft formula)", "",
-              "| dtype | shape | variant | fwd | fwd / unfused | fwd+bwd | fwd+bwd / unfused | peak MiB fwd+bwd | max err vs fp64 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# LoRA on GPU: peftcore (Triton / PyTorch) vs peft",
+        "",
+        f"Device: {report['device']}; torch {report['torch']}, "
+        f"triton {report['triton']}; command `{report['command']}`.",
+        "",
+    ]
+    lines += [
+        "## One LoRA linear (ms, median (min-max); ratio to the unfused peft formula)",
+        "",
+        "| dtype | shape | variant | fwd | fwd / unfused | fwd+bwd | fwd+bwd / unfused | peak MiB fwd+bwd | max err "
+        "vs fp64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     by_key = {(r["dtype"], r["shape"], r["variant"]): r for r in report["layer"]}
     for r in report["layer"]:
         u = by_key.get((r["dtype"], r["shape"], "unfused"))
@@ -298,8 +339,17 @@ def markdown(report: dict) -> str:
         rb = f"{r['fwd_bwd_ms']['median'] / u['fwd_bwd_ms']['median']:.2f}x" if u else "-"
         peak = "-" if r["fwd_bwd_peak_mib"] is None else f"{r['fwd_bwd_peak_mib']:.0f}"
         err = "-" if r["max_abs_err_vs_fp64"] is None else f"{r['max_abs_err_vs_fp64']:.2e}"
-        lines.append(f"| {r['dtype']} | {r['shape']} | {r['variant']} | {_fmt(r['fwd_ms'])} | {rf} | {_fmt(r['fwd_bwd_ms'])} | {rb} | {peak} | {err} |")
-    lines += ["", "## Mixed batches (ms; one adapter per row)", "", "| K | variant | ms | / peft loop | max err vs loop |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['dtype']} | {r['shape']} | {r['variant']} | {_fmt(r['fwd_ms'])} | {rf} | {_fmt(r['fwd_bwd_ms'])} "
+            f"| {rb} | {peak} | {err} |"
+        )
+    lines += [
+        "",
+        "## Mixed batches (ms; one adapter per row)",
+        "",
+        "| K | variant | ms | / peft loop | max err vs loop |",
+        "|---|---|---|---|---|",
+    ]
     by_k = {(r["K"], r["variant"]): r for r in report["mixed"]}
     for r in report["mixed"]:
         loop = by_k.get((r["K"], "peft-loop"))
@@ -311,7 +361,10 @@ def markdown(report: dict) -> str:
     by_m = {(r["shape"], r["workload"], r["lib"]): r for r in report["models"] if "ms" in r}
     for r in report["models"]:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['workload']} | {r['lib']} | failed: {r['error'].splitlines()[-1] if r['error'] else '?'} | | | |")
+            lines.append(
+                f"| {r['shape']} | {r['workload']} | {r['lib']} | failed: "
+                f"{r['error'].splitlines()[-1] if r['error'] else '?'} | | | |"
+            )
             continue
         p = by_m.get((r["shape"], r["workload"], "peft"))
         b = by_m.get((r["shape"], "infer" if r["workload"] == "mixed" else r["workload"], "base"))
@@ -324,7 +377,9 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing useful")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing useful"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -344,8 +399,10 @@ def main(argv=None) -> None:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows compare fp32 with fp32
     report = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "torch": torch.__version__,
-        "triton": _version("triton"), "command": "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "command": "python bench/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     print("one LoRA linear ...", file=sys.stderr, flush=True)
     report["layer"] = layer_section(device, args.smoke, triton_ok)

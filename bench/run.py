@@ -51,7 +51,10 @@ def _interleaved(rounds: int, jobs: list[tuple[str, tuple[str, ...], bool]], log
         for label, args, memory in jobs:
             start = time.perf_counter()
             out[label].append(_worker(*args, memory=memory))
-            log(f"  round {r + 1}/{rounds} {label:<24} {time.perf_counter() - start:6.1f}s  (load {os.getloadavg()[0]:.1f})")
+            log(
+                f"  round {r + 1}/{rounds} {label:<24} {time.perf_counter() - start:6.1f}s  (load "
+                f"{os.getloadavg()[0]:.1f})"
+            )
     return out
 
 
@@ -95,7 +98,11 @@ def run(args) -> dict:
     libs = list(LIBS) + (["peftcore-plain"] if args.with_plain else [])
     lora_libs = [lib for lib in libs if lib != "base"]
     rounds, warm, reps = (1, "0", "1") if args.quick else (args.rounds, str(args.warmup), str(args.reps))
-    report = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": os.getloadavg(), "sections": {}}
+    report = {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "load_before": os.getloadavg(),
+        "sections": {},
+    }
     sections = report["sections"]
 
     timed = lambda *a: ("--warmup", warm, "--reps", reps, *a)  # noqa: E731
@@ -189,57 +196,91 @@ def _row(label: str, section: dict, peft_label: str | None) -> str:
 def _memory_row(label: str, section: dict) -> str:
     s, peft, base = section[label], section.get("peft"), section.get("base")
     ratio = lambda ref: _times(s["median"] / ref["median"]) if ref else "-"  # noqa: E731
-    return f"| {label} | {s['median']:.0f} MiB | {s['min']:.0f} - {s['max']:.0f} MiB | {s['n']} | {ratio(peft)} | {ratio(base)} |"
+    spread = f"{s['min']:.0f} - {s['max']:.0f} MiB"
+    return f"| {label} | {s['median']:.0f} MiB | {spread} | {s['n']} | {ratio(peft)} | {ratio(base)} |"
 
 
 HEADER = "| | median | min - max | n | / peft | / base (min-max) |\n|---|---|---|---|---|---|"
-RATIO_NOTE = ("\"/ base\" is the median over all repetitions of (this run / the base run next to it in the same process), "
-              "with its min-max; \"/ peft\" divides a row's \"/ base\" by peft's. Times alone vary by 20% between "
-              "processes on this shared machine; these ratios vary far less.")
+RATIO_NOTE = (
+    '"/ base" is the median over all repetitions of (this run / the base run next to it in the same process), '
+    'with its min-max; "/ peft" divides a row\'s "/ base" by peft\'s. Times alone vary by 20% between '
+    "processes on this shared machine; these ratios vary far less."
+)
 
 
 def markdown(report: dict) -> str:
     env, sec = report["environment"], report["sections"]
     lines = ["# Benchmarks: peftcore vs peft on CPU", ""]
     lines += [
-        ("Produced by the runs listed below, sections of the later run replacing the earlier's (see `bench/run.py`; "
-         "`tox -e bench` measures every section in one run)." if report.get("runs") else
-         "Produced by `" + report["command"].strip() + "` (see `bench/run.py`; the tox env `bench` runs all sections)."),
+        (
+            "Produced by the runs listed below, sections of the later run replacing the earlier's (see `bench/run.py`; "
+            "`tox -e bench` measures every section in one run)."
+            if report.get("runs")
+            else "Produced by `"
+            + report["command"].strip()
+            + "` (see `bench/run.py`; the tox env `bench` runs all sections)."
+        ),
         f"Run {report['started']} - {report['finished']}; load average before {_load(report['load_before'])}, "
-        f"after {_load(report['load_after'])} (the machine is shared: compare ratios, which come from interleaved runs).",
+        f"after {_load(report['load_after'])} (the machine is shared: compare ratios, which come from interleaved "
+        "runs).",
         "",
-        *[f"- `{r['command']}`: {r['started']} - {r['finished']}, load {_load(r['load_before'])} -> {_load(r['load_after'])}"
-          for r in report.get("runs", [])],
+        *[
+            f"- `{r['command']}`: {r['started']} - {r['finished']}, load {_load(r['load_before'])} -> "
+            f"{_load(r['load_after'])}"
+            for r in report.get("runs", [])
+        ],
         "",
-        "Machine: " + f"{env['cpu']}, {env['cores']} cores, {env['memory']}; torch.set_num_threads({env['torch threads']}), fp32.",
-        "Versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "peft", "peftcore", "peftcore-lora", "triton")),
+        "Machine: "
+        + f"{env['cpu']}, {env['cores']} cores, {env['memory']}; torch.set_num_threads({env['torch threads']}), fp32.",
+        "Versions: "
+        + ", ".join(
+            f"{k} {env[k]}" for k in ("python", "torch", "transformers", "peft", "peftcore", "peftcore-lora", "triton")
+        ),
         "",
-        "Model: SmolLM2-135M (peftcore.cli.assets.smollm2_dir()), LoRA r=16, alpha=32, dropout 0, target_modules=\"all-linear\" "
+        "Model: SmolLM2-135M (peftcore.cli.assets.smollm2_dir()), LoRA r=16, alpha=32, dropout 0, "
+        'target_modules="all-linear" '
         "(210 layers). Each figure: median over all repetitions of all rounds, each library in a fresh process "
         "that also holds a frozen copy of the base model. " + RATIO_NOTE,
         "",
     ]
     if "train" in sec:
         s = sec["train"]
-        lines += ["## Training step", "", f"Batch {common.TRAIN_BATCH[0]} x {common.TRAIN_BATCH[1]} tokens, loss = causal LM loss. "
-                  "base = frozen model, forward + backward with gradients through the network (the embeddings' output "
-                  "requires grad); adapters: forward + backward + AdamW step (lr 1e-4, `fused=True`: the optimizer "
-                  "transformers' Trainer picks by default).", "", HEADER]
+        lines += [
+            "## Training step",
+            "",
+            f"Batch {common.TRAIN_BATCH[0]} x {common.TRAIN_BATCH[1]} tokens, loss = causal LM loss. "
+            "base = frozen model, forward + backward with gradients through the network (the embeddings' output "
+            "requires grad); adapters: forward + backward + AdamW step (lr 1e-4, `fused=True`: the optimizer "
+            "transformers' Trainer picks by default).",
+            "",
+            HEADER,
+        ]
         lines += [_row(k, s, "peft") for k in s]
         lines.append("")
     if "train_mem" in sec:
         s = sec["train_mem"]
-        lines += ["## Peak training memory", "", "Peak RSS (VmHWM, reset through /proc/self/clear_refs) over the first two "
-                  "steps above the RSS of the loaded model with adapters and optimizer object, one fresh process per "
-                  "measurement (no base copy beside it), glibc told to return freed blocks (same settings for all). "
-                  "Memory does not vary like time: ratios are plain quotients of medians.", "",
-                  HEADER.replace(" (min-max)", "")]
+        lines += [
+            "## Peak training memory",
+            "",
+            "Peak RSS (VmHWM, reset through /proc/self/clear_refs) over the first two "
+            "steps above the RSS of the loaded model with adapters and optimizer object, one fresh process per "
+            "measurement (no base copy beside it), glibc told to return freed blocks (same settings for all). "
+            "Memory does not vary like time: ratios are plain quotients of medians.",
+            "",
+            HEADER.replace(" (min-max)", ""),
+        ]
         lines += [_memory_row(k, s) for k in s]
         lines.append("")
     if "infer" in sec:
         s = sec["infer"]
-        lines += ["## Inference", "", f"Forward under torch.no_grad(), batch {common.INFER_BATCH[0]} x {common.INFER_BATCH[1]} "
-                  "tokens, full logits. Unmerged adapter, and after merge_adapter().", "", HEADER]
+        lines += [
+            "## Inference",
+            "",
+            f"Forward under torch.no_grad(), batch {common.INFER_BATCH[0]} x {common.INFER_BATCH[1]} "
+            "tokens, full logits. Unmerged adapter, and after merge_adapter().",
+            "",
+            HEADER,
+        ]
         lines += [_row(k, s, "peft" if " merged" not in k else "peft merged") for k in s]
         lines.append("")
     if "mixed" in sec:
@@ -253,12 +294,16 @@ def markdown(report: dict) -> str:
                 lines.append(f"\n{lib}: K=1 -> K=16 costs {(growth - 1) * 100:+.1f}% (each against its own base).")
         lines.append("")
     if "ops" in sec:
-        lines += ["## Attaching, loading, swapping, merging", "",
-                  "Seconds per operation on a freshly loaded model (wall clock; CPU time of the process beside it, "
-                  "less sensitive to other jobs). attach = get_peft_model; load = PeftModel.from_pretrained; hot-swap = "
-                  "load_adapter + set_adapter; add = add_adapter of the 2nd and of the 16th adapter.", "",
-                  "| operation | peft wall | peftcore wall | peftcore / peft | peft CPU | peftcore CPU | CPU ratio |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Attaching, loading, swapping, merging",
+            "",
+            "Seconds per operation on a freshly loaded model (wall clock; CPU time of the process beside it, "
+            "less sensitive to other jobs). attach = get_peft_model; load = PeftModel.from_pretrained; hot-swap = "
+            "load_adapter + set_adapter; add = add_adapter of the 2nd and of the 16th adapter.",
+            "",
+            "| operation | peft wall | peftcore wall | peftcore / peft | peft CPU | peftcore CPU | CPU ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
         ops = sec["ops"]
         for op in ("attach", "load", "hotswap", "merge_and_unload", "add_2nd", "add_16th"):
             p, c = ops.get("peft", {}), ops.get("peftcore", {})
@@ -272,8 +317,11 @@ def markdown(report: dict) -> str:
         for lib in ("peft", "peftcore"):
             o = ops.get(lib, {})
             if "add_2nd wall" in o:
-                lines.append(f"\n{lib}: adding the 16th adapter costs {o['add_16th wall']['median'] / o['add_2nd wall']['median']:.2f}x "
-                             f"the 2nd (wall), {o['add_16th cpu']['median'] / o['add_2nd cpu']['median']:.2f}x (CPU).")
+                lines.append(
+                    f"\n{lib}: adding the 16th adapter costs "
+                    f"{o['add_16th wall']['median'] / o['add_2nd wall']['median']:.2f}x "
+                    f"the 2nd (wall), {o['add_16th cpu']['median'] / o['add_2nd cpu']['median']:.2f}x (CPU)."
+                )
         lines.append("")
     lines += targets(report)
     lines += NOTES.splitlines()
@@ -296,11 +344,13 @@ NOTES = """## What peftcore does differently
   still kept. Not done under saved-tensor hooks (non-reentrant checkpointing, CPU offload), where reading the
   factors would run the hooks.
 - **Mixed-adapter batches**: the A and B of each row's adapter are gathered (ranks zero-padded) and applied with two
-  batched matmuls accumulated into the base output, instead of a Python loop over adapters with row gathers and scatters.
-- **Attaching and loading** (`peftcore/tuner.py`, `serialization.py`): one pruned walk over the model that never enters
-  the per-adapter sub-modules, the new adapter's flags set without re-walking every older adapter, adapter weights
-  written once (no constructor init that the LoRA init overwrites), and loading matches file keys against this
-  adapter's tensors only. The cost of adding or loading an adapter no longer grows with the adapters already there.
+  batched matmuls accumulated into the base output, instead of a Python loop over adapters with row gathers and
+  scatters.
+- **Attaching and loading** (`peftcore/layer_tuner.py`, `serialization.py`): one pruned walk over the model that
+  never enters the per-adapter sub-modules, the new adapter's flags set without re-walking every older adapter,
+  adapter weights written once (no constructor init that the LoRA init overwrites), and loading matches file keys
+  against this adapter's tensors only. The cost of adding or loading an adapter no longer grows with the adapters
+  already there.
 - Everything else (DoRA, quantised or hooked base layers, Embedding/Conv2d, autocast, merged or disabled adapters,
   torch.compile) takes the plain path, which is the reference the fast paths are tested against (fp32, atol 1e-5).
   `PEFTCORE_LORA_FAST=0` switches the fast paths off (the `peftcore-plain` rows, when run with `--with-plain`).
@@ -335,19 +385,31 @@ def targets(report: dict) -> list[str]:
         # one more digit for the measurement, so that 1.052x against 1.05x reads as the miss it is
         if value is None:
             return
-        rows.append(f"| {name} | {fmt.format(value)} | <= {limit_fmt.format(limit)} | {'met' if value <= limit else 'missed'} |")
+        rows.append(
+            f"| {name} | {fmt.format(value)} | <= {limit_fmt.format(limit)} | {'met' if value <= limit else 'missed'} |"
+        )
 
     if "train" in sec:
         add("training step / frozen-base fwd+bwd", vs_base(sec["train"], "peftcore"), 1.12)
         add("training step / peft's step", relative(sec["train"], "peftcore", "peft"), 0.90)
     if "train_mem" in sec and {"peftcore", "base"} <= set(sec["train_mem"]):
-        add("peak training memory / frozen base's", sec["train_mem"]["peftcore"]["median"] / sec["train_mem"]["base"]["median"], 1.25)
+        add(
+            "peak training memory / frozen base's",
+            sec["train_mem"]["peftcore"]["median"] / sec["train_mem"]["base"]["median"],
+            1.25,
+        )
     if "infer" in sec:
         add("unmerged inference / base forward", vs_base(sec["infer"], "peftcore"), 1.05)
     if "mixed" in sec:
         add("mixed batch, 16 adapters / base forward", vs_base(sec["mixed"], "peftcore K=16"), 1.10)
         growth = relative(sec["mixed"], "peftcore K=16", "peftcore K=1")
-        add("mixed batch growth K=1 -> K=16", None if growth is None else growth - 1, 0.05, fmt="{:+.1%}", limit_fmt="{:+.1%}")
+        add(
+            "mixed batch growth K=1 -> K=16",
+            None if growth is None else growth - 1,
+            0.05,
+            fmt="{:+.1%}",
+            limit_fmt="{:+.1%}",
+        )
     if "ops" in sec and "peft" in sec["ops"] and "peftcore" in sec["ops"]:
         p, c = sec["ops"]["peft"], sec["ops"]["peftcore"]
         add("attach / peft's", c["attach wall"]["median"] / p["attach wall"]["median"], 0.5)
@@ -365,14 +427,28 @@ def _load_json(path: str) -> dict:
 
 def merge(reports: list[dict]) -> dict:
     """One report out of several runs (sections measured by separate invocations)."""
-    merged = {"sections": {}, "environment": reports[0]["environment"], "started": reports[0]["started"],
-              "finished": reports[-1]["finished"], "load_before": reports[0]["load_before"], "load_after": reports[-1]["load_after"]}
+    merged = {
+        "sections": {},
+        "environment": reports[0]["environment"],
+        "started": reports[0]["started"],
+        "finished": reports[-1]["finished"],
+        "load_before": reports[0]["load_before"],
+        "load_after": reports[-1]["load_after"],
+    }
     for report in reports:
         merged["sections"].update(report["sections"])
     merged["command"] = " ; ".join(r["command"] for r in reports)
-    merged["runs"] = [{"command": r["command"], "started": r["started"], "finished": r["finished"],
-                       "load_before": r["load_before"], "load_after": r["load_after"], "sections": sorted(r["sections"])}
-                      for r in reports]
+    merged["runs"] = [
+        {
+            "command": r["command"],
+            "started": r["started"],
+            "finished": r["finished"],
+            "load_before": r["load_before"],
+            "load_after": r["load_after"],
+            "sections": sorted(r["sections"]),
+        }
+        for r in reports
+    ]
     return merged
 
 
@@ -388,8 +464,12 @@ def main(argv=None) -> None:
     parser.add_argument("--with-plain", action="store_true", help="also run peftcore with its fast paths off")
     parser.add_argument("--markdown", help="write the report here (e.g. docs/benchmarks.md)")
     parser.add_argument("--json", help="write the raw figures here")
-    parser.add_argument("--from-json", nargs="+", metavar="JSON",
-                        help="measure nothing: build the report from earlier --json files (e.g. one per --only section)")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: build the report from earlier --json files (e.g. one per --only section)",
+    )
     args = parser.parse_args(argv)
     report = merge([_load_json(path) for path in args.from_json]) if args.from_json else run(args)
     text = markdown(report)

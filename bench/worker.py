@@ -195,7 +195,9 @@ def ops(args) -> dict:
             gc.collect()
             model = common.load_model()
             holder = {}
-            record("load", lambda holder=holder, model=model: holder.setdefault("m", PeftModel.from_pretrained(model, tmp)))
+            record(
+                "load", lambda holder=holder, model=model: holder.setdefault("m", PeftModel.from_pretrained(model, tmp))
+            )
             loaded = holder["m"]
 
             def hotswap(loaded=loaded):
@@ -212,7 +214,9 @@ def ops(args) -> dict:
             peft_model = _wrap(common.load_model(), lib)
             for i in range(2, 17):
                 config = common.lora_config(lib)
-                wall, cpu = common.timed_both(lambda peft_model=peft_model, i=i, config=config: peft_model.add_adapter(f"a{i}", config))
+                wall, cpu = common.timed_both(
+                    lambda peft_model=peft_model, i=i, config=config: peft_model.add_adapter(f"a{i}", config)
+                )
                 if i in (2, 16):
                     op = "add_2nd" if i == 2 else "add_16th"
                     results[op]["wall"].append(wall)

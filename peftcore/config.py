@@ -98,7 +98,9 @@ class PeftConfig:
         write_config(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs) -> "PeftConfig":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs
+    ) -> "PeftConfig":
         return read_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @classmethod

@@ -59,7 +59,8 @@ class LayerTuner(nn.Module):
         for existing_name, existing in self.peft_config.items():
             if existing.peft_type != config.peft_type:
                 raise ValueError(
-                    f"Cannot add a {config.peft_type} adapter {adapter_name!r} next to the {existing.peft_type} adapter "
+                    f"Cannot add a {config.peft_type} adapter {adapter_name!r} next to the {existing.peft_type} "
+                    "adapter "
                     f"{existing_name!r}: one model holds adapters of one method"
                 )
         hooks.prepare_config(config=config, model=self.model)
@@ -96,7 +97,9 @@ class LayerTuner(nn.Module):
             matched += 1
             if isinstance(target, AdapterLayer):
                 if target.peft_type != method.peft_type:
-                    raise ValueError(f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top")
+                    raise ValueError(
+                        f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top"
+                    )
                 target.create_adapter(adapter_name, config, module_name=key)
                 continue
             support = pick_layer_support(method.peft_type, target, config)
@@ -282,7 +285,9 @@ class LayerTuner(nn.Module):
             set_submodule(self.model, key, wrapper.unwrapped())
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Merge the active (or given) adapters into the base weights and return the plain model."""
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -290,7 +295,9 @@ class LayerTuner(nn.Module):
         """Remove every adapter layer without merging and return the plain model."""
         return self._unload(merge=False)
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **options) -> None:
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **options
+    ) -> None:
         """Create ``adapter_name`` from ``adapters`` (delegated to the method's ``combine_adapters``)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first")

@@ -95,7 +95,9 @@ def all_linear_names(model: nn.Module, task_type=None) -> set[str]:
     modules = list(walk_modules(model, stop_at=(AdapterLayer,)))
     names = set()
     for name, module in modules:
-        if isinstance(module, linear_types()) or (isinstance(module, AdapterLayer) and "Linear" in type(module).__name__):
+        if isinstance(module, linear_types()) or (
+            isinstance(module, AdapterLayer) and "Linear" in type(module).__name__
+        ):
             names.add(name)
     excluded = set()
     if isinstance(model, PreTrainedModel):

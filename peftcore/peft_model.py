@@ -29,9 +29,13 @@ from peftcore.walking import walk_modules
 
 def _check_adapter_name(adapter_name: str) -> None:
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
-        raise ValueError(f"Invalid adapter name {adapter_name!r}: use a non-empty string without '.', not {BASE_ADAPTER!r}")
+        raise ValueError(
+            f"Invalid adapter name {adapter_name!r}: use a non-empty string without '.', not {BASE_ADAPTER!r}"
+        )
     if hasattr(nn.Module(), adapter_name):
-        raise ValueError(f"Invalid adapter name {adapter_name!r}: it clashes with the torch.nn.Module attribute of that name")
+        raise ValueError(
+            f"Invalid adapter name {adapter_name!r}: it clashes with the torch.nn.Module attribute of that name"
+        )
 
 
 class PeftModel(nn.Module):
@@ -55,13 +59,19 @@ class PeftModel(nn.Module):
             self.base_model = LayerTuner(model, peft_config, adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
         if checkpointing:
-            require_input_grads(model)  # checkpointing was on before the adapters came (see gradient_checkpointing_enable)
+            require_input_grads(
+                model
+            )  # checkpointing was on before the adapters came (see gradient_checkpointing_enable)
 
     # -- construction ------------------------------------------------------------
 
     def _prepare_config(self, config: PeftConfig, model: nn.Module) -> None:
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            config.base_model_name_or_path = (
+                getattr(model, "name_or_path", None)
+                or getattr(getattr(model, "config", None), "_name_or_path", None)
+                or None
+            )
         task_heads = TASK_HEADS.get(str(config.task_type) if config.task_type else None)
         if task_heads and hasattr(config, "modules_to_save"):
             current = list(config.modules_to_save or [])
@@ -70,7 +80,8 @@ class PeftModel(nn.Module):
     def _add_model_adapter(self, config: PeftConfig, adapter_name: str) -> None:
         if any(isinstance(m, AdapterLayer) for m in self.base_model.modules()):
             raise ValueError(
-                f"Cannot add a {config.peft_type} adapter to a model that already has adapter layers (e.g. LoRA): one model "
+                f"Cannot add a {config.peft_type} adapter to a model that already has adapter layers (e.g. LoRA): "
+                "one model "
                 "holds adapters of one method; merge_and_unload() or unload() the layer adapters first"
             )
         hooks.prepare_config(config=config, model=self.base_model)
@@ -93,7 +104,9 @@ class PeftModel(nn.Module):
     def _activate_model_adapter(self, adapter_name: str | None, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the one that runs; it trains unless it (or its config) is in inference mode."""
         self._prompt_active = adapter_name
-        trainable = adapter_name is not None and not (inference_mode or self._prompt_configs[adapter_name].inference_mode)
+        trainable = adapter_name is not None and not (
+            inference_mode or self._prompt_configs[adapter_name].inference_mode
+        )
         for name, module in self.prompt_encoder.items():
             module.requires_grad_(name == adapter_name and trainable)
         for wrapper in saved_module_wrappers(self.base_model):
@@ -225,7 +238,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- training ------------------------------------------------------------------------
 
@@ -239,7 +254,9 @@ class PeftModel(nn.Module):
         """
         base = self.get_base_model()
         if hasattr(base, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+            )
         elif hasattr(base, "gradient_checkpointing_enable"):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         else:
@@ -265,7 +282,9 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
         # walk_modules skips the per-adapter sub-modules: this runs on every mixed-batch call
-        layers = [m for _, m in walk_modules(self.get_base_model()) if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+        layers = [
+            m for _, m in walk_modules(self.get_base_model()) if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
+        ]
         if any(isinstance(m, AdapterLayer) and m.merged for m in layers):
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
 
@@ -273,19 +292,26 @@ class PeftModel(nn.Module):
             kwargs["adapter_names"] = names
             return args, kwargs
 
-        handles = [m.register_forward_pre_hook(partial(inject, names=list(adapter_names)), with_kwargs=True) for m in layers]
+        handles = [
+            m.register_forward_pre_hook(partial(inject, names=list(adapter_names)), with_kwargs=True) for m in layers
+        ]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _prepare_model_kwargs(self, kwargs: dict[str, Any], generating: bool = False, args: tuple = ()) -> tuple[tuple, dict[str, Any]]:
+    def _prepare_model_kwargs(
+        self, kwargs: dict[str, Any], generating: bool = False, args: tuple = ()
+    ) -> tuple[tuple, dict[str, Any]]:
         if self._uses_layers or self._prompt_active is None or self._prompt_disabled:
             return args, kwargs
         if args:  # a model adapter edits keyword arguments; the one usual positional is input_ids
             if len(args) > 1 or "input_ids" in kwargs:
-                raise TypeError(f"{self.active_peft_config.peft_type} models take keyword arguments (input_ids=..., attention_mask=...), got {len(args)} positional")
+                raise TypeError(
+                    f"{self.active_peft_config.peft_type} models take keyword arguments (input_ids=..., "
+                    f"attention_mask=...), got {len(args)} positional"
+                )
             kwargs = {"input_ids": args[0], **kwargs}
         adapter = self.prompt_encoder[self._prompt_active]
         model = self.base_model
@@ -307,8 +333,12 @@ class PeftModel(nn.Module):
     # -- files ---------------------------------------------------------------------------
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, selected_adapters: list[str] | None = None,
-        is_main_process: bool = True, **kwargs,
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs,
     ) -> None:
         """Write PEFT's files: ``default`` at the top, other adapters in sub-folders."""
         if os.path.isfile(save_directory):
@@ -334,7 +364,9 @@ class PeftModel(nn.Module):
         config: PeftConfig | None = None, allow_pickle: bool = False, **kwargs,
     ) -> "PeftModel":
         """Load a PEFT-format adapter from a local folder or a Hub repo id onto ``model``."""
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
+        }
         subfolder = hub_kwargs.pop("subfolder", None)
         if config is None:
             config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
@@ -350,10 +382,17 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, allow_pickle: bool = False, **kwargs
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        **kwargs,
     ) -> None:
         """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
+        }
         subfolder = hub_kwargs.pop("subfolder", None)
         config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
@@ -368,7 +407,9 @@ class PeftModel(nn.Module):
             self.eval()
 
     def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
-        missing, unexpected = hooks.load_adapter_state_dict(model=self, config=config, adapter_name=adapter_name, state_dict=weights)
+        missing, unexpected = hooks.load_adapter_state_dict(
+            model=self, config=config, adapter_name=adapter_name, state_dict=weights
+        )
         serialization.warn_load_report(missing, unexpected, where)
 
 
@@ -377,7 +418,9 @@ def _model_card(model: PeftModel) -> str:
     base = config.base_model_name_or_path
     header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "") + "tags:\n- peftcore\n---\n"
     methods = ", ".join(sorted({c.peft_type for c in model.peft_config.values()}))
-    return f"{header}\n# Adapter\n\n{methods} adapter(s) {sorted(model.peft_config)} saved by peftcore in PEFT's format.\n"
+    return (
+        f"{header}\n# Adapter\n\n{methods} adapter(s) {sorted(model.peft_config)} saved by peftcore in PEFT's format.\n"
+    )
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -385,9 +428,19 @@ class PeftModelForSequenceClassification(PeftModel):
     # columns the forward signature names, passes BERT-style segment ids through.
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, token_type_ids=None, **kwargs):
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                               **_drop_none(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                            return_dict=return_dict, token_type_ids=token_type_ids), **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **_drop_none(
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                token_type_ids=token_type_ids,
+            ),
+            **kwargs,
+        )
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
@@ -398,18 +451,36 @@ class PeftModelForQuestionAnswering(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, task_ids=None, **kwargs):
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               **_drop_none(token_type_ids=token_type_ids, position_ids=position_ids, start_positions=start_positions,
-                                            end_positions=end_positions, output_attentions=output_attentions,
-                                            output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **_drop_none(
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                start_positions=start_positions,
+                end_positions=end_positions,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+            ),
+            **kwargs,
+        )
 
 
 class PeftModelForCausalLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                               **_drop_none(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                            return_dict=return_dict), **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **_drop_none(
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict
+            ),
+            **kwargs,
+        )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
@@ -419,18 +490,35 @@ class PeftModelForSeq2SeqLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                               **_drop_none(decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                                            decoder_inputs_embeds=decoder_inputs_embeds, output_attentions=output_attentions,
-                                            output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **_drop_none(
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+            ),
+            **kwargs,
+        )
 
 
 class PeftModelForFeatureExtraction(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               **_drop_none(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                            return_dict=return_dict), **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **_drop_none(
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict
+            ),
+            **kwargs,
+        )
 
 
 def _drop_none(**kwargs) -> dict[str, Any]:
@@ -459,10 +547,13 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         raise TypeError(f"peft_config must be a peftcore config (e.g. LoraConfig), got {type(peft_config).__name__}")
     if isinstance(model, PeftModel) and (not model._uses_layers or method_for_config(peft_config).kind == "model"):
         raise ValueError(
-            f"get_peft_model got a PeftModel holding {model.active_peft_config.peft_type} adapters and a {peft_config.peft_type} "
+            f"get_peft_model got a PeftModel holding {model.active_peft_config.peft_type} adapters and a "
+            f"{peft_config.peft_type} "
             "config: one model holds adapters of one method (prompt-learning methods cannot be stacked with others)"
         )
     if isinstance(model, PeftModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
-        warnings.warn("The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2)
+        warnings.warn(
+            "The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2
+        )
     model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
     return model_cls(model, peft_config, adapter_name)

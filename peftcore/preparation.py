@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 
-def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
     """PEFT's recipe for training adapters on a quantised (or simply frozen) base model.
 
     Freezes every parameter, upcasts non-quantised fp16/bf16 parameters to fp32
@@ -18,12 +20,17 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     for param in model.parameters():
         param.requires_grad_(False)
     for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ not in ("Params4bit", "Int8Params"):
+        if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ not in (
+            "Params4bit",
+            "Int8Params",
+        ):
             param.data = param.data.to(torch.float32)
     if use_gradient_checkpointing or quantized:
         enable_input_grads(model)
     if use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+        kwargs = (
+            {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+        )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 

@@ -34,14 +34,27 @@ class PromptLearningConfig(PeftConfig):
     """PEFT's ``PromptLearningConfig``; the model-shape fields left as None are read from the model."""
 
     num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
-    token_dim: int = field(default=None, metadata={"help": "Hidden embedding dimension of the base model (read from the model if unset)"})
-    num_transformer_submodules: Optional[int] = field(
-        default=None, metadata={"help": "Number of transformer stacks: 2 for encoder-decoder (SEQ_2_SEQ_LM), else 1 (set from task_type if unset)"}
+    token_dim: int = field(
+        default=None, metadata={"help": "Hidden embedding dimension of the base model (read from the model if unset)"}
     )
-    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Number of attention heads (read from the model if unset)"})
-    num_layers: Optional[int] = field(default=None, metadata={"help": "Number of transformer layers (read from the model if unset)"})
+    num_transformer_submodules: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Number of transformer stacks: 2 for encoder-decoder (SEQ_2_SEQ_LM), else 1 "
+                    "(set from task_type if unset)"
+        },
+    )
+    num_attention_heads: Optional[int] = field(
+        default=None, metadata={"help": "Number of attention heads (read from the model if unset)"}
+    )
+    num_layers: Optional[int] = field(
+        default=None, metadata={"help": "Number of transformer layers (read from the model if unset)"}
+    )
     modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter (classification heads are added for SEQ_CLS)"}
+        default=None,
+        metadata={
+            "help": "Modules trained in full and saved with the adapter (classification heads are added for SEQ_CLS)"
+        },
     )
 
     def __post_init__(self):
@@ -54,7 +67,9 @@ class PromptLearningConfig(PeftConfig):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name}: {attr} must be a positive integer, got {value!r}")
         if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(f"{name}: num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")
+            raise ValueError(
+                f"{name}: num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}"
+            )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
@@ -100,7 +115,9 @@ def _first_key(config: dict, keys: tuple[str, ...], field_name: str, preset: Any
     for key in keys:
         if config.get(key) is not None:
             return config[key]
-    raise ValueError(f"Cannot read {field_name} from the model config (looked for {', '.join(keys)}); set {field_name} in the config")
+    raise ValueError(
+        f"Cannot read {field_name} from the model config (looked for {', '.join(keys)}); set {field_name} in the config"
+    )
 
 
 # -- the model's side -----------------------------------------------------------------------
@@ -120,7 +137,10 @@ def word_embeddings(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module.num_embeddings == vocab_size:
             return module
-    raise ValueError(f"Cannot find the token embedding of {type(model).__name__} (no get_input_embeddings, no Embedding of vocab_size rows)")
+    raise ValueError(
+        f"Cannot find the token embedding of {type(model).__name__} (no get_input_embeddings, no Embedding of "
+        "vocab_size rows)"
+    )
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
@@ -134,7 +154,8 @@ def extend_attention_mask(attention_mask: torch.Tensor | None, num_tokens: int, 
         attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
     if attention_mask.dim() != 2:
         raise ValueError(
-            f"prompt-learning methods need a 2-D attention_mask (batch, seq_len) to prepend {num_tokens} virtual tokens; "
+            f"prompt-learning methods need a 2-D attention_mask (batch, seq_len) to prepend {num_tokens} virtual "
+            "tokens; "
             f"got shape {tuple(attention_mask.shape)}"
         )
     prefix = torch.ones(attention_mask.shape[0], num_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
@@ -173,7 +194,9 @@ class PromptLearningAdapter(InputAdapter):
     def __init__(self, config: PromptLearningConfig):
         super().__init__()
         if config.token_dim is None or config.num_transformer_submodules is None:
-            raise ValueError(f"{type(config).__name__}: call config.fill_from_model_config(model.config) before building the encoder")
+            raise ValueError(
+                f"{type(config).__name__}: call config.fill_from_model_config(model.config) before building the encoder"
+            )
         self.num_virtual_tokens = config.num_virtual_tokens
         self.total_virtual_tokens = config.total_virtual_tokens
         # Built from PEFT's files: ``embedding`` holds the encoder output itself.
@@ -206,7 +229,8 @@ class PromptLearningAdapter(InputAdapter):
             expected = tuple(self.prompt_table().shape)
         if tuple(tensor.shape) != expected:
             raise AdapterFileError(
-                f"tensor {PROMPT_EMBEDDINGS_KEY!r} has shape {tuple(tensor.shape)} but {type(self).__name__} expects {expected} "
+                f"tensor {PROMPT_EMBEDDINGS_KEY!r} has shape {tuple(tensor.shape)} but {type(self).__name__} expects "
+                f"{expected} "
                 "(different num_virtual_tokens, token_dim, num_layers or base model?)"
             )
         if not self.baked and any(hasattr(self, name) for name in self.head_names):
@@ -255,7 +279,9 @@ class VirtualTokenAdapter(PromptLearningAdapter):
             kwargs["token_type_ids"] = _pad(kwargs["token_type_ids"], n, 0)
         if kwargs.get("position_ids") is not None:
             positions = kwargs["position_ids"]
-            kwargs["position_ids"] = torch.cat([torch.arange(n, device=positions.device).expand(positions.shape[0], n), positions + n], 1)
+            kwargs["position_ids"] = torch.cat(
+                [torch.arange(n, device=positions.device).expand(positions.shape[0], n), positions + n], 1
+            )
         labels = kwargs.get("labels")
         # token-level labels (causal LM, token classification) gain an ignored label per virtual token;
         # sequence labels and seq2seq labels (decoder side) stay as they are
@@ -276,7 +302,7 @@ def _pad(tensor: torch.Tensor, num_tokens: int, value: int) -> torch.Tensor:
 
 
 def cache_argument(model: nn.Module) -> str:
-    """The name under which ``model``'s forward takes a KV cache (``cache`` in transformers 5, else ``past_key_values``)."""
+    """The name of ``model``'s KV-cache argument: ``cache`` in transformers 5, else ``past_key_values``."""
     seen = set()
     for candidate in (model, getattr(model, "base_model", None)):
         if candidate is None or id(candidate) in seen:
@@ -286,7 +312,10 @@ def cache_argument(model: nn.Module) -> str:
         for name in ("cache", "past_key_values"):
             if name in params:
                 return name
-    raise ValueError(f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`), which prefix tuning needs")
+    raise ValueError(
+        f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`), which prefix "
+        "tuning needs"
+    )
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -307,7 +336,9 @@ def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
     unexpected = [k for k in state_dict if k != PROMPT_EMBEDDINGS_KEY and k not in saved]
     for name, target in saved.items():  # check every shape before touching any weight
         if name in state_dict and tuple(state_dict[name].shape) != tuple(target.shape):
-            raise AdapterFileError(f"tensor {name!r} has shape {tuple(state_dict[name].shape)} but the model's has {tuple(target.shape)}")
+            raise AdapterFileError(
+                f"tensor {name!r} has shape {tuple(state_dict[name].shape)} but the model's has {tuple(target.shape)}"
+            )
     if PROMPT_EMBEDDINGS_KEY in state_dict:
         peft_model.prompt_encoder[adapter_name].load_prompt_embeddings(state_dict[PROMPT_EMBEDDINGS_KEY])
     with torch.no_grad():
@@ -317,7 +348,9 @@ def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
     return missing, unexpected
 
 
-def check_prompt_embeddings(config: PromptLearningConfig, tensors: dict[str, torch.Tensor], width: int | None) -> list[str]:
+def check_prompt_embeddings(
+    config: PromptLearningConfig, tensors: dict[str, torch.Tensor], width: int | None
+) -> list[str]:
     """``prompt_embeddings`` exists with one row per saved virtual token and ``width`` columns (``peftcore info``)."""
     table = tensors.get(PROMPT_EMBEDDINGS_KEY)
     if table is None:

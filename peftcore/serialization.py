@@ -29,12 +29,17 @@ from peftcore.plugins import method_for_config
 # -- weights --------------------------------------------------------------------
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike, safe_serialization: bool = True) -> str:
+def save_weights(
+    state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike, safe_serialization: bool = True
+) -> str:
     if safe_serialization:
         from safetensors.torch import save_file
 
         # safetensors refuses shared storage; contiguous copies cost little for adapters
-        tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous() for k, v in state_dict.items()}
+        tensors = {
+            k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
+            for k, v in state_dict.items()
+        }
         final = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
         with atomic_path(final) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
@@ -50,7 +55,13 @@ def _shares_storage(tensor: torch.Tensor, state_dict: dict[str, torch.Tensor]) -
     return sum(1 for t in state_dict.values() if t.untyped_storage().data_ptr() == ptr) > 1
 
 
-def load_weights(model_id: str | os.PathLike, subfolder: str | None = None, allow_pickle: bool = False, device: str = "cpu", **hub_kwargs) -> dict[str, torch.Tensor]:
+def load_weights(
+    model_id: str | os.PathLike,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    **hub_kwargs,
+) -> dict[str, torch.Tensor]:
     """Read ``adapter_model.safetensors`` (or, only with ``allow_pickle=True``, ``adapter_model.bin``)."""
     where = os.path.join(str(model_id), subfolder or "")
     path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder, **hub_kwargs)
@@ -63,7 +74,9 @@ def load_weights(model_id: str | os.PathLike, subfolder: str | None = None, allo
             raise AdapterFileError(f"{path}: cannot read safetensors file ({type(exc).__name__}: {exc})") from None
     pickled = resolve_file(model_id, PICKLE_WEIGHTS_NAME, subfolder, **hub_kwargs)
     if pickled is None:
-        raise AdapterFileError(f"{where}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME} (the weights are missing)")
+        raise AdapterFileError(
+            f"{where}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME} (the weights are missing)"
+        )
     if not allow_pickle:
         raise AdapterFileError(
             f"{pickled}: only a pickle file ({PICKLE_WEIGHTS_NAME}) is present; pickle can run arbitrary code, "
@@ -167,15 +180,24 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
 
 def warn_load_report(missing: list[str], unexpected: list[str], where: str) -> None:
     if missing:
-        warnings.warn(f"{where}: {len(missing)} adapter tensors missing from the file, left at their init: {missing[:5]}", stacklevel=3)
+        warnings.warn(
+            f"{where}: {len(missing)} adapter tensors missing from the file, left at their init: {missing[:5]}",
+            stacklevel=3,
+        )
     if unexpected:
-        warnings.warn(f"{where}: {len(unexpected)} tensors in the file match nothing in the model and were ignored: {unexpected[:5]}", stacklevel=3)
+        warnings.warn(
+            f"{where}: {len(unexpected)} tensors in the file match nothing in the model and were ignored: "
+            f"{unexpected[:5]}",
+            stacklevel=3,
+        )
 
 
 LAYER_PREFIX = "base_model.model."  # every layer method's tensors on disk start with this
 
 
-def tensors_by_module(tensors: dict[str, torch.Tensor], tensor_prefixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+def tensors_by_module(
+    tensors: dict[str, torch.Tensor], tensor_prefixes: tuple[str, ...]
+) -> dict[str, dict[str, torch.Tensor]]:
     """A layer method's file tensors by adapted module: ``{"a.b": {"lora_A.weight": ..., ...}}``.
 
     The module path is the part before the first segment starting with one of

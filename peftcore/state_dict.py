@@ -31,8 +31,13 @@ def _adapter_config(model, adapter_name: str):
     return configs[adapter_name]
 
 
-def get_peft_model_state_dict(model, state_dict: dict[str, torch.Tensor] | None = None, adapter_name: str = "default",
-                              unwrap_compiled: bool = False, save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+def get_peft_model_state_dict(
+    model,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: str | bool = "auto",
+) -> dict[str, torch.Tensor]:
     """Adapter ``adapter_name``'s tensors keyed as in ``adapter_model.safetensors``.
 
     With ``state_dict`` (a full ``model.state_dict()``, e.g. gathered by DeepSpeed) the
@@ -56,8 +61,13 @@ def get_peft_model_state_dict(model, state_dict: dict[str, torch.Tensor] | None 
     return {name: given.get(name, tensor) for name, tensor in own.items()}
 
 
-def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
-                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False) -> _IncompatibleKeys:
+def set_peft_model_state_dict(
+    model,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> _IncompatibleKeys:
     """Copy file-named tensors into adapter ``adapter_name``; returns the missing and unexpected keys.
 
     A tensor whose shape differs from the adapter's raises ``AdapterFileError`` naming
@@ -75,7 +85,9 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
         for key in mismatched:
             warnings.warn(f"{key}: shape {tuple(tensors.pop(key).shape)} in the state dict, {tuple(own[key].shape)} in "
                           f"adapter {adapter_name!r}; skipped (ignore_mismatched_sizes=True)", stacklevel=2)
-    missing, unexpected = hooks.load_adapter_state_dict(model=model, config=config, adapter_name=adapter_name, state_dict=tensors)
+    missing, unexpected = hooks.load_adapter_state_dict(
+        model=model, config=config, adapter_name=adapter_name, state_dict=tensors
+    )
     return _IncompatibleKeys(list(missing), list(unexpected))
 
 

@@ -11,41 +11,84 @@ def tiny_model(arch: str):
 
     torch.manual_seed(0)
     ids = torch.randint(3, 60, (2, 7))
-    common = dict(vocab_size=64)
-    if arch == "llama":
-        model = t.LlamaForCausalLM(t.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common))
-    elif arch == "mistral":
-        model = t.MistralForCausalLM(t.MistralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common))
-    elif arch == "qwen2":
-        model = t.Qwen2ForCausalLM(t.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common))
-    elif arch == "gemma":
-        model = t.GemmaForCausalLM(t.GemmaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4, **common))
-    elif arch == "gemma3":
-        model = t.Gemma3ForCausalLM(t.Gemma3TextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4, **common))
-    elif arch == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0, **common))
-    elif arch == "opt":
-        model = t.OPTForCausalLM(t.OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32, **common))
-    elif arch == "bert":
-        model = t.BertForSequenceClassification(t.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **common))
-    elif arch == "roberta":
-        model = t.RobertaForSequenceClassification(t.RobertaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, pad_token_id=1, **common))
-    elif arch == "distilbert":
-        model = t.DistilBertForSequenceClassification(t.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, **common))
-    elif arch == "t5":
-        model = t.T5ForConditionalGeneration(t.T5Config(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **common))
-        return model.eval(), dict(input_ids=ids, decoder_input_ids=ids[:, :5])
-    elif arch == "bart":
-        model = t.BartForConditionalGeneration(t.BartConfig(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, **common))
-        return model.eval(), dict(input_ids=ids, decoder_input_ids=ids[:, :5])
-    else:
-        raise ValueError(arch)
-    return model.eval(), dict(input_ids=ids)
+    vocab = dict(vocab_size=64)
+    decoder = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, **vocab)
+    encoder = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **vocab)
+    builders = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**decoder)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**decoder)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**decoder)),
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(head_dim=4, **decoder)),
+        "gemma3": lambda: t.Gemma3ForCausalLM(t.Gemma3TextConfig(head_dim=4, **decoder)),
+        "gpt2": lambda: t.GPT2LMHeadModel(
+            t.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0, **vocab)
+        ),
+        "opt": lambda: t.OPTForCausalLM(
+            t.OPTConfig(
+                hidden_size=16,
+                ffn_dim=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                word_embed_proj_dim=16,
+                max_position_embeddings=32,
+                **vocab,
+            )
+        ),
+        "bert": lambda: t.BertForSequenceClassification(t.BertConfig(**encoder)),
+        "roberta": lambda: t.RobertaForSequenceClassification(t.RobertaConfig(pad_token_id=1, **encoder)),
+        "distilbert": lambda: t.DistilBertForSequenceClassification(
+            t.DistilBertConfig(dim=16, n_layers=2, n_heads=2, hidden_dim=32, **vocab)
+        ),
+        "t5": lambda: t.T5ForConditionalGeneration(
+            t.T5Config(
+                d_model=16,
+                d_ff=32,
+                num_layers=2,
+                num_heads=2,
+                d_kv=8,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+                **vocab,
+            )
+        ),
+        "bart": lambda: t.BartForConditionalGeneration(
+            t.BartConfig(
+                d_model=16,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=32,
+                decoder_ffn_dim=32,
+                max_position_embeddings=32,
+                **vocab,
+            )
+        ),
+    }
+    if arch not in builders:
+        raise ValueError(f"no tiny model for {arch!r}; known: {', '.join(builders)}")
+    model = builders[arch]().eval()
+    if model.config.is_encoder_decoder:
+        return model, dict(input_ids=ids, decoder_input_ids=ids[:, :5])
+    return model, dict(input_ids=ids)
 
 
-TASK_TYPES = {"llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "qwen2": "CAUSAL_LM", "gemma": "CAUSAL_LM", "gemma3": "CAUSAL_LM",
-         "gpt2": "CAUSAL_LM", "opt": "CAUSAL_LM", "bert": "SEQ_CLS", "roberta": "SEQ_CLS", "distilbert": "SEQ_CLS",
-         "t5": "SEQ_2_SEQ_LM", "bart": "SEQ_2_SEQ_LM"}
+TASK_TYPES = {
+    "llama": "CAUSAL_LM",
+    "mistral": "CAUSAL_LM",
+    "qwen2": "CAUSAL_LM",
+    "gemma": "CAUSAL_LM",
+    "gemma3": "CAUSAL_LM",
+    "gpt2": "CAUSAL_LM",
+    "opt": "CAUSAL_LM",
+    "bert": "SEQ_CLS",
+    "roberta": "SEQ_CLS",
+    "distilbert": "SEQ_CLS",
+    "t5": "SEQ_2_SEQ_LM",
+    "bart": "SEQ_2_SEQ_LM",
+}
 
 
 # -- prompt-learning test helpers: wider models, left-padded labelled batches, a no-cache greedy reference --
@@ -60,16 +103,58 @@ def tiny_generation_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
-        model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2))
+        model = t.LlamaForCausalLM(
+            t.LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                initializer_range=0.2,
+            )
+        )
     elif arch == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0, initializer_range=0.2))
+        model = t.GPT2LMHeadModel(
+            t.GPT2Config(
+                vocab_size=64,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+                initializer_range=0.2,
+            )
+        )
     elif arch == "bert":
-        model = t.BertForSequenceClassification(t.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                             intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.2))
+        model = t.BertForSequenceClassification(
+            t.BertConfig(
+                vocab_size=64,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                num_labels=2,
+                initializer_range=0.2,
+            )
+        )
     elif arch == "t5":
-        model = t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
-                                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        model = t.T5ForConditionalGeneration(
+            t.T5Config(
+                vocab_size=64,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=3,
+                num_heads=4,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
     else:
         raise ValueError(arch)
     if getattr(model, "generation_config", None) is not None:
@@ -138,7 +223,9 @@ def text_batches(tokenizer, data, batch_size: int, max_length: int = 64, shuffle
         order = torch.randperm(len(order), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        encoded = tokenizer([data.texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        encoded = tokenizer(
+            [data.texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         yield encoded, torch.tensor([data.labels[i] for i in rows])
 
 

@@ -32,7 +32,9 @@ def import_graph(package_dir: Path, package: str) -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 # ``from pkg import sub`` imports the submodule; ``from pkg import name`` the package
-                subs = [f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules]
+                subs = [
+                    f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in modules
+                ]
                 targets = subs + ([node.module] if len(subs) < len(node.names) else [])
             else:
                 continue

@@ -53,7 +53,9 @@ def test_ratios_come_from_pairs_in_the_same_process(run):
 def test_targets_say_met_or_missed_from_the_paired_ratios(run):
     report = {"sections": {"train": run._timed(_raw())}}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in run.targets(report) if line.startswith("| training")}
-    assert "1.100x" in rows["training step / frozen-base fwd+bwd"] and rows["training step / frozen-base fwd+bwd"].endswith("met |")
+    assert "1.100x" in rows["training step / frozen-base fwd+bwd"] and rows[
+        "training step / frozen-base fwd+bwd"
+    ].endswith("met |")
     assert "0.846x" in rows["training step / peft's step"] and rows["training step / peft's step"].endswith("met |")
     slow = _raw()
     slow["peftcore"] = [{"times": [1.3], "base_times": [1.0]}]
@@ -64,7 +66,9 @@ def test_targets_say_met_or_missed_from_the_paired_ratios(run):
 def test_markdown_report_renders_every_section(run):
     timed = run._timed(_raw())
     mixed = run._timed({"peftcore K=1": _raw()["peftcore"], "peftcore K=16": _raw()["peft"]})
-    ops = {op: run._stats([0.1, 0.2]) for op in ("attach", "load", "hotswap", "merge_and_unload", "add_2nd", "add_16th")}
+    ops = {
+        op: run._stats([0.1, 0.2]) for op in ("attach", "load", "hotswap", "merge_and_unload", "add_2nd", "add_16th")
+    }
     ops = {f"{op} {clock}": s for op, s in ops.items() for clock in ("wall", "cpu")}
     report = {
         "sections": {"train": timed, "infer": timed, "mixed": mixed, "ops": {"peft": ops, "peftcore": ops},

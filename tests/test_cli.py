@@ -48,7 +48,9 @@ def _word_tokenizer():
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + sorted(set(LM_WORDS)))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +64,18 @@ def llama(tmp_path_factory) -> Path:
 
     tokenizer = _word_tokenizer()
     torch.manual_seed(0)
-    config = t.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = t.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("models") / "llama"
     t.LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -84,7 +95,11 @@ def _spam_csv(path: Path, n: int = 48) -> Path:
 
 
 def _review_jsonl(path: Path, n: int = 48) -> Path:
-    good, bad, subjects = ["great", "fine", "lovely"], ["awful", "terrible", "boring"], ["film", "plot", "acting", "music"]
+    good, bad, subjects = (
+        ["great", "fine", "lovely"],
+        ["awful", "terrible", "boring"],
+        ["film", "plot", "acting", "music"],
+    )
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(n):
             word = (good if i % 2 == 0 else bad)[i % 3]
@@ -153,7 +168,9 @@ def _subprocess_cli(args: list[str], env_extra: dict[str, str], pythonpath: str 
     env = {**os.environ, **env_extra}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "peftcore.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "peftcore.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_list_without_any_plugin_says_so_plainly():
@@ -242,7 +259,12 @@ def test_apply_trains_a_classifier_from_csv_and_saves_a_peft_adapter(bert, tmp_p
     assert set(report["accuracy"]) == {"before", "after"}
     assert report["reload_max_abs_diff"] <= 1e-6
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"]) == ("LORA", 4, 8, ["query"])
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"]) == (
+        "LORA",
+        4,
+        8,
+        ["query"],
+    )
     assert config["task_type"] == "SEQ_CLS"
     tensors = load_file(out / "adapter_model.safetensors")
     a = tensors["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"]
@@ -251,7 +273,9 @@ def test_apply_trains_a_classifier_from_csv_and_saves_a_peft_adapter(bert, tmp_p
     assert sum(t.numel() for t in tensors.values()) == report["trainable_params"] == 2 * (64 + 64) + 34
     # PEFT itself reads the folder and computes the same outputs as peftcore
     inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])}
-    theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2), out).eval()
+    theirs = peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2), out
+    ).eval()
     ours = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2), out)
     with torch.no_grad():
         torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-6, rtol=0)
@@ -260,9 +284,35 @@ def test_apply_trains_a_classifier_from_csv_and_saves_a_peft_adapter(bert, tmp_p
 def test_apply_adalora_is_told_the_run_length_and_allocates_ranks(bert, tmp_path):
     data = _spam_csv(tmp_path / "spam.csv")
     out = tmp_path / "adalora"
-    result = run("apply", "adalora", "--model", bert, "--dataset", data, "--out", out, "--init-r", "6", "--target-r", "2",
-                 "--tinit", "1", "--tfinal", "1", "--deltaT", "1", "--epochs", "2", "--batch-size", "8", "--n-test", "8",
-                 "--lr", "1e-2", "--json")
+    result = run(
+        "apply",
+        "adalora",
+        "--model",
+        bert,
+        "--dataset",
+        data,
+        "--out",
+        out,
+        "--init-r",
+        "6",
+        "--target-r",
+        "2",
+        "--tinit",
+        "1",
+        "--tfinal",
+        "1",
+        "--deltaT",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--n-test",
+        "8",
+        "--lr",
+        "1e-2",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["total_step"] == 2 * 40 // 8  # two epochs of 40 training rows in batches of 8
@@ -295,7 +345,9 @@ def test_apply_causal_lm_on_instruction_jsonl_lowers_held_out_loss(llama, tmp_pa
 
 
 def test_apply_unknown_method():
-    assert_user_error(run("apply", "nosuchmethod"), "Unknown PEFT method 'nosuchmethod'", "hint: installed methods:", "lora")
+    assert_user_error(
+        run("apply", "nosuchmethod"), "Unknown PEFT method 'nosuchmethod'", "hint: installed methods:", "lora"
+    )
 
 
 def test_apply_missing_model_path(tmp_path):
@@ -312,9 +364,13 @@ def test_apply_missing_dataset_file(bert, tmp_path):
 def test_apply_dataset_without_usable_columns(bert, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\nhello,1\nbye,0\n")
-    assert_user_error(run("apply", "lora", "--model", bert, "--dataset", bad), "no text column", "['a', 'b']", "--text-column")
-    assert_user_error(run("apply", "lora", "--model", bert, "--dataset", bad, "--text-column", "a", "--label-column", "zzz"),
-                      "no column 'zzz'")
+    assert_user_error(
+        run("apply", "lora", "--model", bert, "--dataset", bad), "no text column", "['a', 'b']", "--text-column"
+    )
+    assert_user_error(
+        run("apply", "lora", "--model", bert, "--dataset", bad, "--text-column", "a", "--label-column", "zzz"),
+        "no column 'zzz'",
+    )
 
 
 def test_apply_dataset_with_a_broken_line(bert, tmp_path):
@@ -431,7 +487,9 @@ def test_merge_writes_a_plain_model_with_the_adapter_folded_in(bert, tmp_path):
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    reference = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2), trained)
+    reference = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2), trained
+    )
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     inputs = tokenizer(["win a free phone now", "see you at lunch"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -448,7 +506,9 @@ def test_merge_defaults_to_the_base_model_named_in_the_config(adapter, tmp_path)
 
 def test_merge_with_a_mismatched_base(adapter, tmp_path):
     wider = _bert_folder(tmp_path, 32, "wider")
-    assert_user_error(run("merge", adapter, "--model", wider, "--out", tmp_path / "m"), "has shape", "hint: pass the base model")
+    assert_user_error(
+        run("merge", adapter, "--model", wider, "--out", tmp_path / "m"), "has shape", "hint: pass the base model"
+    )
     assert not (tmp_path / "m").exists()
 
 
@@ -466,9 +526,12 @@ def test_info_and_merge_read_an_adapter_saved_by_peft(bert, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(3)
-    theirs = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2),
-                                 peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "key"],
-                                                 init_lora_weights="gaussian"))
+    theirs = peft.get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2),
+        peft.LoraConfig(
+            task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "key"], init_lora_weights="gaussian"
+        ),
+    )
     theirs.save_pretrained(tmp_path / "peft")
     report = json.loads(run("info", tmp_path / "peft", "--json").stdout)
     assert report["consistent"] is True and report["settings"]["r"] == 2 and report["adapted_modules"] == 4
@@ -486,7 +549,11 @@ def test_info_and_merge_read_an_adapter_saved_by_peft(bert, tmp_path):
 def test_data_files_in_every_supported_format(tmp_path):
     from peftcore.cli import datasets as data
 
-    rows = [{"sentence": "good film", "label": 10}, {"sentence": "bad film", "label": 9}, {"sentence": "fine", "label": 10}]
+    rows = [
+        {"sentence": "good film", "label": 10},
+        {"sentence": "bad film", "label": 9},
+        {"sentence": "fine", "label": 10},
+    ]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in rows))
@@ -551,9 +618,14 @@ def test_a_checkpoint_head_of_another_size_is_replaced_for_apply_and_merge(bert,
 
     three = tmp_path / "three.csv"
     three.write_text("text,label\n" + "".join(f"message number {i},{['a', 'b', 'c'][i % 3]}\n" for i in range(30)))
-    result = run("apply", "lora", "--model", bert, "--dataset", three, "--out", tmp_path / "a", "--epochs", "1", "--json")
+    result = run(
+        "apply", "lora", "--model", bert, "--dataset", three, "--out", tmp_path / "a", "--epochs", "1", "--json"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["labels"] == ["a", "b", "c"]
-    assert load_file(tmp_path / "a" / "adapter_model.safetensors")["base_model.model.classifier.weight"].shape == (3, 16)
+    assert load_file(tmp_path / "a" / "adapter_model.safetensors")["base_model.model.classifier.weight"].shape == (
+        3,
+        16,
+    )
     assert run("merge", tmp_path / "a", "--out", tmp_path / "m").exit_code == 0
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").config.num_labels == 3

@@ -59,7 +59,9 @@ def test_layers_pattern_needs_layers_to_transform():
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5", "opt"])
 def test_all_linear_agrees_with_peft(arch):
     model, _ = tiny_model(arch)
-    theirs = _maybe_include_all_linear_layers(PeftLoraConfig(target_modules="all-linear", task_type=TASK_TYPES[arch]), model)
+    theirs = _maybe_include_all_linear_layers(
+        PeftLoraConfig(target_modules="all-linear", task_type=TASK_TYPES[arch]), model
+    )
     assert all_linear_names(model, TASK_TYPES[arch]) == set(theirs.target_modules)
     if arch in ("llama", "gpt2", "opt"):
         assert "lm_head" not in all_linear_names(model)

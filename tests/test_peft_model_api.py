@@ -20,7 +20,9 @@ def test_task_types_pick_peft_wrapper_classes():
         TaskType.QUESTION_ANS: (t.BertForQuestionAnswering, peftcore.PeftModelForQuestionAnswering),
         TaskType.FEATURE_EXTRACTION: (t.BertModel, peftcore.PeftModelForFeatureExtraction),
     }
-    config = t.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = t.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     ids = torch.randint(0, 64, (2, 5))
     for task, (model_cls, wrapper_cls) in cases.items():
         torch.manual_seed(0)
@@ -35,7 +37,9 @@ def test_task_types_pick_peft_wrapper_classes():
 
 
 def test_question_answering_wrapper_passes_the_answer_positions_to_the_loss():
-    config = t.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config = t.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     torch.manual_seed(0)
     base = t.BertForQuestionAnswering(config).eval()
     ids, starts, ends = torch.randint(0, 64, (2, 5)), torch.tensor([1, 2]), torch.tensor([3, 4])

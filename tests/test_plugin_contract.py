@@ -75,20 +75,34 @@ def _broken(listing: dict) -> dict[str, str]:
 
 
 def test_misspelt_undecorated_incompatible_and_clashing_plugins_are_listed_as_broken(tmp_path):
-    _install(tmp_path, "peftcore-typo", "peftcore_typo", GOOD_METHOD.format(name="Typo", name_lower="typo", peft_type="TYPO") + '''
+    _install(
+        tmp_path,
+        "peftcore-typo",
+        "peftcore_typo",
+        GOOD_METHOD.format(name="Typo", name_lower="typo", peft_type="TYPO")
+        + """
 @hookimpl
 def register_layer_suport(register):
     pass
-''')
-    _install(tmp_path, "peftcore-bare", "peftcore_bare", GOOD_METHOD.format(name="Bare", name_lower="bare", peft_type="BARE") + '''
+""",
+    )
+    _install(
+        tmp_path,
+        "peftcore-bare",
+        "peftcore_bare",
+        GOOD_METHOD.format(name="Bare", name_lower="bare", peft_type="BARE")
+        + """
 def register_layer_support(register):
     pass
-''')
+""",
+    )
     _install(tmp_path, "peftcore-future", "peftcore_future", "PEFTCORE_HOOKSPEC_VERSION = 99\n" +
              GOOD_METHOD.format(name="Future", name_lower="future", peft_type="FUTURE"))
     _install(tmp_path, "peftcore-lora-clone", "peftcore_lora_clone",
              GOOD_METHOD.format(name="Clone", name_lower="clone", peft_type="LORA"))
-    _install(tmp_path, "peftcore-fine", "peftcore_fine", GOOD_METHOD.format(name="Fine", name_lower="fine", peft_type="FINE"))
+    _install(
+        tmp_path, "peftcore-fine", "peftcore_fine", GOOD_METHOD.format(name="Fine", name_lower="fine", peft_type="FINE")
+    )
     listing = _listing(tmp_path)
     broken = _broken(listing)
     assert "register_layer_suport (did you mean register_layer_support?)" in broken["peftcore_typo"]
@@ -258,7 +272,9 @@ def test_a_hookspec_1_layer_still_works_and_the_core_places_its_tensors(shift_v1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.add_adapter("second", ShiftConfig(target_modules=["intermediate.dense"]))
-    assert any(issubclass(w.category, DeprecationWarning) and "should also take module_name" in str(w.message) for w in caught)
+    assert any(
+        issubclass(w.category, DeprecationWarning) and "should also take module_name" in str(w.message) for w in caught
+    )
     with torch.no_grad():
         for p in vectors.values():
             p.normal_()
@@ -320,10 +336,14 @@ def test_a_failing_safe_merge_leaves_every_layer_as_it_was():
                 param.fill_(float("nan") if ".broken." in name and "layers.1." in name else 0.1)
         model.base_model.set_adapter(["default", "broken"])
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ValueError, match=r"NaNs or infs .* of model\.layers\.1\.self_attn\.q_proj after merging adapter 'broken'"):
+        with pytest.raises(
+            ValueError, match=r"NaNs or infs .* of model\.layers\.1\.self_attn\.q_proj after merging adapter 'broken'"
+        ):
             model.merge_adapter(safe_merge=True)
     assert not any(layer.merged for _, layer in model.base_model.adapter_layers())
-    assert all(torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all() for k, v in model.state_dict().items())
+    assert all(
+        torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all() for k, v in model.state_dict().items()
+    )
 
 
 # -- configs: a method without default targets ---------------------------------------------------------

@@ -48,13 +48,17 @@ def installed_plugin(tmp_path_factory) -> Path:
 
 def _run(site: Path, code: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def test_documented_plugin_is_discovered_and_works_end_to_end(installed_plugin, tmp_path):
-    out = _run(installed_plugin, f"""
+    out = _run(
+        installed_plugin,
+        f"""
         import copy, json, torch, warnings
         import peftcore
         from peftcore import ShiftConfig, get_peft_model, PeftModel
@@ -103,7 +107,8 @@ def test_documented_plugin_is_discovered_and_works_end_to_end(installed_plugin, 
         doubled = get_peft_model(tiny_model("bert")[0].double(), ShiftConfig(target_modules=["intermediate.dense"]))
         assert {{p.dtype for n, p in doubled.named_parameters() if "shift_vector" in n}} == {{torch.float64}}
         # no bias to merge into: refused, naming the layer, nothing changed
-        no_bias = get_peft_model(torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False)), ShiftConfig(target_modules=["0"]))
+        no_bias = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False))
+        no_bias = get_peft_model(no_bias, ShiftConfig(target_modules=["0"]))
         try:
             no_bias.merge_adapter()
         except ValueError as exc:
@@ -112,7 +117,8 @@ def test_documented_plugin_is_discovered_and_works_end_to_end(installed_plugin, 
             raise AssertionError("merge into a layer without bias was not refused")
         assert not no_bias.base_model.model[0].merged
         print("ok")
-    """)
+    """,
+    )
     assert out.strip().endswith("ok")
 
 

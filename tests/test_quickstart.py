@@ -34,7 +34,9 @@ def test_quickstart_lora_minilm_sms_spam(tmp_path):
     correct = 0
     with torch.no_grad():
         for start in range(0, len(test), 32):
-            batch = tokenizer(test.texts[start:start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            batch = tokenizer(
+                test.texts[start : start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"
+            )
             correct += (model(**batch).logits.argmax(-1) == torch.tensor(test.labels[start:start + 32])).sum().item()
     # padding differs from the CLI's length-sorted batches: allow one borderline example to flip
     assert abs(correct / len(test) - accuracy["after"]) <= 1 / len(test) + 1e-9

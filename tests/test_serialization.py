@@ -148,7 +148,10 @@ def test_failed_load_adapter_leaves_nothing_behind(saved, tmp_path):
     (wrong / "adapter_config.json").write_text(json.dumps(config))
     names_before = [n for n, _ in model.named_parameters()]
     expected = _out(model, inputs)
-    with pytest.raises(AdapterFileError, match=r"lora_A.weight' has shape \(2, 16\) but .*lora_A.second.weight in the model has \(4, 16\)"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"lora_A.weight' has shape \(2, 16\) but .*lora_A.second.weight in the model has \(4, 16\)",
+    ):
         model.load_adapter(wrong, adapter_name="second")
     assert list(model.peft_config) == ["default"]
     assert [n for n, _ in model.named_parameters()] == names_before

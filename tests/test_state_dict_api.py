@@ -37,7 +37,9 @@ def _fill_by_name(model) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
+                param.copy_(
+                    torch.randn(param.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+                )
 
 
 def test_get_gives_peft_keys_and_values(pair):
@@ -54,7 +56,9 @@ def test_get_gives_peft_keys_and_values(pair):
 def test_set_loads_peft_tensors_and_reports_keys(pair):
     ours, theirs, inputs = pair
     perturb(theirs, seed=1, scale=0.1)
-    result = set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs, adapter_name="other"), adapter_name="other")
+    result = set_peft_model_state_dict(
+        ours, peft.get_peft_model_state_dict(theirs, adapter_name="other"), adapter_name="other"
+    )
     assert result.unexpected_keys == [] and result.missing_keys == []
     ours.eval()
     theirs.eval()

@@ -18,8 +18,16 @@ SIGNAL_TOKEN = 7  # label 1 iff this token occurs: learnable by a tiny model
 
 def tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
-    config = t.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                          max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = t.BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return t.BertForSequenceClassification(config)
 
 
@@ -119,7 +127,9 @@ def test_resume_from_checkpoint_restores_adapter_weights_and_continues_identical
     assert all(torch.equal(lora_state(resumed)[k], v) for k, v in on_disk.items())
 
     resumed = lora_model(init_seed=5)
-    PeftTrainer(model=resumed, args=args(tmp_path / "b"), train_dataset=dataset()).train(resume_from_checkpoint=str(checkpoint))
+    PeftTrainer(model=resumed, args=args(tmp_path / "b"), train_dataset=dataset()).train(
+        resume_from_checkpoint=str(checkpoint)
+    )
     for name, value in lora_state(straight).items():
         torch.testing.assert_close(lora_state(resumed)[name], value, atol=1e-6, rtol=0)
 
@@ -140,7 +150,9 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     trainer.train()
     best = load_file(os.path.join(trainer.state.best_model_checkpoint, "adapter_model.safetensors"))
     key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
-    assert torch.equal(model.base_model.model.bert.encoder.layer[0].attention.self.query.lora_B["default"].weight, best[key])
+    assert torch.equal(
+        model.base_model.model.bert.encoder.layer[0].attention.self.query.lora_B["default"].weight, best[key]
+    )
 
 
 def test_peft_trainer_keeps_the_base_models_forward_arguments(tmp_path):

@@ -9,33 +9,75 @@ from peftcore.cli.errors import CliError
 
 # apply's own options; a config field with one of these names becomes --config-<name>
 COMMON_OPTIONS = [
-    click.Option(["--model", "-m"], default=None, metavar="NAME_OR_PATH",
-                 help="base model: a local transformers folder or a built-in alias (minilm, smollm2) [default: minilm]"),
-    click.Option(["--dataset", "-d"], default=None, metavar="PATH_OR_NAME",
-                 help="training data: a .csv/.tsv/.json/.jsonl file or a built-in set (sms-spam, movie-sentiment, questions); "
-                      "without it the adapter is attached and saved untrained, except for the built-in models, "
-                      "which default to sms-spam (minilm) and movie-sentiment (smollm2)"),
-    click.Option(["--out", "-o"], default=None, type=click.Path(file_okay=False), metavar="DIR",
-                 help="where to save the adapter [default: ./peftcore-out/<method>-<model>-<dataset>]"),
+    click.Option(
+        ["--model", "-m"],
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="base model: a local transformers folder or a built-in alias (minilm, smollm2) [default: minilm]",
+    ),
+    click.Option(
+        ["--dataset", "-d"],
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="training data: a .csv/.tsv/.json/.jsonl file or a built-in set (sms-spam, movie-sentiment, questions); "
+        "without it the adapter is attached and saved untrained, except for the built-in models, "
+        "which default to sms-spam (minilm) and movie-sentiment (smollm2)",
+    ),
+    click.Option(
+        ["--out", "-o"],
+        default=None,
+        type=click.Path(file_okay=False),
+        metavar="DIR",
+        help="where to save the adapter [default: ./peftcore-out/<method>-<model>-<dataset>]",
+    ),
     click.Option(["--text-column"], default=None, help="column with the input text (default: text, sentence, ...)"),
     click.Option(["--label-column"], default=None, help="column with the class label (default: label, labels, ...)"),
-    click.Option(["--n-train"], type=click.IntRange(min=1), default=None,
-                 help="training examples [default: 512 (128 for causal LMs) for built-in sets, the rest of a file]"),
-    click.Option(["--n-test"], type=click.IntRange(min=1), default=None,
-                 help="held-out examples [default: 256 (32 for causal LMs) for built-in sets, a fifth of a file up to 1000]"),
-    click.Option(["--balanced/--no-balanced"], default=None,
-                 help="draw the same number of examples per class [default: on for built-in sets]"),
-    click.Option(["--epochs"], type=click.FloatRange(min=0, min_open=True), default=None,
-                 help="passes over the training set (fractions allowed) [default: 2 (1 for causal LMs)]"),
-    click.Option(["--lr"], type=click.FloatRange(min=0, min_open=True), default=None,
-                 help="peak learning rate (AdamW, linear warm-up and decay) [default: 2e-3 (1e-3 for causal LMs)]"),
+    click.Option(
+        ["--n-train"],
+        type=click.IntRange(min=1),
+        default=None,
+        help="training examples [default: 512 (128 for causal LMs) for built-in sets, the rest of a file]",
+    ),
+    click.Option(
+        ["--n-test"],
+        type=click.IntRange(min=1),
+        default=None,
+        help="held-out examples [default: 256 (32 for causal LMs) for built-in sets, a fifth of a file up to 1000]",
+    ),
+    click.Option(
+        ["--balanced/--no-balanced"],
+        default=None,
+        help="draw the same number of examples per class [default: on for built-in sets]",
+    ),
+    click.Option(
+        ["--epochs"],
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="passes over the training set (fractions allowed) [default: 2 (1 for causal LMs)]",
+    ),
+    click.Option(
+        ["--lr"],
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="peak learning rate (AdamW, linear warm-up and decay) [default: 2e-3 (1e-3 for causal LMs)]",
+    ),
     click.Option(["--batch-size"], type=click.IntRange(min=1), default=None, help="[default: 16 (8 for causal LMs)]"),
-    click.Option(["--max-length"], type=click.IntRange(min=8), default=128, show_default=True, help="tokens per example"),
+    click.Option(
+        ["--max-length"], type=click.IntRange(min=8), default=128, show_default=True, help="tokens per example"
+    ),
     click.Option(["--seed"], type=int, default=0, show_default=True, help="data split, shuffling, head init, dropout"),
-    click.Option(["--device"], default=None, metavar="DEVICE",
-                 help="torch device to train on, e.g. cpu, cuda, cuda:1 [default: cuda when available, else cpu]"),
-    click.Option(["--gradient-checkpointing"], is_flag=True, default=False,
-                 help="recompute activations in the backward pass (less memory, slower)"),
+    click.Option(
+        ["--device"],
+        default=None,
+        metavar="DEVICE",
+        help="torch device to train on, e.g. cpu, cuda, cuda:1 [default: cuda when available, else cpu]",
+    ),
+    click.Option(
+        ["--gradient-checkpointing"],
+        is_flag=True,
+        default=False,
+        help="recompute activations in the backward pass (less memory, slower)",
+    ),
     click.Option(["--json", "as_json"], is_flag=True, default=False, help="print the results as JSON on stdout"),
 ]
 RESERVED = {name.lstrip("-") for option in COMMON_OPTIONS for name in option.opts} | {"json", "help"}

@@ -181,8 +181,14 @@ def _classification(request, config, model_path, dataset_spec, settings, out, re
     def load_base():
         torch.manual_seed(request.seed)  # the new classifier head's init
         # a checkpoint whose head has another number of classes gets a new head, as the data needs
-        return models.load_model(model_path, SEQ_CLS, num_labels=len(label_names), ignore_mismatched_sizes=True,
-                                 id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+        return models.load_model(
+            model_path,
+            SEQ_CLS,
+            num_labels=len(label_names),
+            ignore_mismatched_sizes=True,
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
 
     status(f"model: {model_path}")
     run_steps = train.total_steps(len(train_set), settings) if train_set is not None else None
@@ -196,9 +202,13 @@ def _classification(request, config, model_path, dataset_spec, settings, out, re
         losses = _fit(peft_model, examples, pad, settings, "training")
         after = train.accuracy(train.predict_logits(peft_model, probe, 64, pad), test_set.labels)
         results.metric("accuracy", "accuracy (held out)", before, after)
-        results.metric("train_loss", "training loss (first step, last 5)", losses[0], sum(losses[-5:]) / len(losses[-5:]), "{:.4f}")
+        results.metric(
+            "train_loss", "training loss (first step, last 5)", losses[0], sum(losses[-5:]) / len(losses[-5:]), "{:.4f}"
+        )
     expected = train.predict_logits(peft_model, probe[:64], 64, pad)
-    _save_and_check(peft_model, out, load_base, lambda m: train.predict_logits(m, probe[:64], 64, pad), expected, results)
+    _save_and_check(
+        peft_model, out, load_base, lambda m: train.predict_logits(m, probe[:64], 64, pad), expected, results
+    )
 
 
 def _probe_set() -> data.LabelledText:
@@ -241,8 +251,11 @@ def _causal_lm(request, config, model_path, dataset_spec, settings, out, results
         if choice_before is not None:
             results.metric("answer_accuracy", "answer accuracy (held out)", choice_before,
                            train.choice_accuracy(peft_model, tokenizer, test_set, settings))
-        results.facts["generation"] = {"before": sample_before, "after": train.generate_text(peft_model, tokenizer, sample_prompt),
-                                       "expected": probe_set.completions[0]}
+        results.facts["generation"] = {
+            "before": sample_before,
+            "after": train.generate_text(peft_model, tokenizer, sample_prompt),
+            "expected": probe_set.completions[0],
+        }
     probe = train.prompt_completion_examples(tokenizer, probe_set, settings.max_length)[:16]
     logits = lambda m: _lm_logits(m, probe, train.pad_id(tokenizer))  # noqa: E731
     _save_and_check(peft_model, out, load_base, logits, logits(peft_model), results)
@@ -285,7 +298,11 @@ def _report(results: Results, out: Path, as_json: bool) -> None:
     rows = [list(r) for r in results.rows]
     share = 100 * facts["trainable_params"] / facts["total_params"]
     info = [
-        ["method", facts["method"], f"targets: {', '.join(facts['targets']) if isinstance(facts['targets'], list) else facts['targets']}"],
+        [
+            "method",
+            facts["method"],
+            f"targets: {', '.join(facts['targets']) if isinstance(facts['targets'], list) else facts['targets']}",
+        ],
         ["trainable params", f"{facts['trainable_params']:,}", f"of {facts['total_params']:,} ({share:.2f}%)"],
         ["adapter size", human_bytes(facts["adapter_bytes"]), SAFETENSORS_WEIGHTS_NAME],
         ["reload check", f"max |diff| {facts['reload_max_abs_diff']:.2g}", "PeftModel.from_pretrained, same outputs"],

@@ -24,8 +24,10 @@ from peftcore.config import TaskType
 # Written by the core or by ``apply`` itself, never by the user.
 NOT_OPTIONS = {"peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
 CORE_HELP = {
-    "task_type": "what the model is trained for (default: from the model: SEQ_CLS for encoders, CAUSAL_LM for decoders)",
-    "target_modules": "modules to adapt: comma-separated names/suffixes, a regex, or all-linear (default: per architecture)",
+    "task_type": "what the model is trained for "
+                 "(default: from the model: SEQ_CLS for encoders, CAUSAL_LM for decoders)",
+    "target_modules": "modules to adapt: comma-separated names/suffixes, a regex, or all-linear "
+                      "(default: per architecture)",
     "exclude_modules": "modules never to adapt: comma-separated names or a regex",
     "modules_to_save": "extra modules trained in full and saved (comma-separated; SEQ_CLS adds the classifier)",
     "layers_to_transform": "only these layer indices (comma-separated)",
@@ -151,12 +153,18 @@ def build_options(config_class: type, reserved: set[str]) -> tuple[list[click.Op
             option = click.Option(names + [param], type=click.Choice([t.value for t in TaskType], case_sensitive=False),
                                   default=None, help=shown)
         elif _strip_optional(annotation) is bool:
-            option = click.Option([f"{names[0]}/--no-{flag}"] + names[1:] + [param], default=None, help=shown, hidden=not help_text)
+            option = click.Option(
+                [f"{names[0]}/--no-{flag}"] + names[1:] + [param], default=None, help=shown, hidden=not help_text
+            )
         elif typing.get_origin(_strip_optional(annotation)) is Literal:
             choices = [str(c) for c in typing.get_args(_strip_optional(annotation))]
-            option = click.Option(names + [param], type=click.Choice(choices), default=None, help=shown, hidden=not help_text)
+            option = click.Option(
+                names + [param], type=click.Choice(choices), default=None, help=shown, hidden=not help_text
+            )
         else:
-            option = click.Option(names + [param], type=FieldType(annotation), default=None, help=shown, hidden=not help_text)
+            option = click.Option(
+                names + [param], type=FieldType(annotation), default=None, help=shown, hidden=not help_text
+            )
         options.append(option)
         to_field[param] = f.name
     return options, to_field

@@ -146,7 +146,9 @@ def _json_rows(path: Path, text: str) -> list[tuple[int, dict]]:
     return list(enumerate(data, 1))
 
 
-def _pick_column(path, columns: list[str], wanted: str | None, candidates: tuple[str, ...], role: str, option: str) -> str:
+def _pick_column(
+    path, columns: list[str], wanted: str | None, candidates: tuple[str, ...], role: str, option: str
+) -> str:
     if wanted is not None:
         if wanted not in columns:
             raise DataError(f"{path}: no column {wanted!r} ({role}); columns are {columns}")
@@ -193,7 +195,12 @@ def load_classification(spec: str, text_column: str | None = None, label_column:
     path = _resolve_file(spec)
     rows = read_rows(path)
     columns = _columns(rows)
-    if text_column is None and label_column is None and _pair_columns(columns) and not any(c in columns for c in LABEL_COLUMNS):
+    if (
+        text_column is None
+        and label_column is None
+        and _pair_columns(columns)
+        and not any(c in columns for c in LABEL_COLUMNS)
+    ):
         raise DataError(f"{path}: has prompt/response columns {columns}, which is causal-LM data; "
                         "use a causal LM model (e.g. --model smollm2) or a file with text and label columns")
     text_col = _pick_column(path, columns, text_column, TEXT_COLUMNS, "text", "--text-column")
@@ -204,7 +211,9 @@ def load_classification(spec: str, text_column: str | None = None, label_column:
         raw_labels.append(_cell(path, line, row, label_col).strip())
     label_names = _label_order(set(raw_labels))
     if len(label_names) < 2:
-        raise DataError(f"{path}: column {label_col!r} has a single value {label_names}; classification needs at least two")
+        raise DataError(
+            f"{path}: column {label_col!r} has a single value {label_names}; classification needs at least two"
+        )
     index = {name: i for i, name in enumerate(label_names)}
     return LabelledText(texts, [index[x] for x in raw_labels], label_names, path.name, str(path))
 
@@ -232,7 +241,9 @@ def as_prompts(data: LabelledText, dataset_name: str | None = None) -> PromptCom
     return PromptCompletions(prompts, completions, data.name, data.source)
 
 
-def load_prompt_completions(spec: str, text_column: str | None = None, label_column: str | None = None) -> PromptCompletions:
+def load_prompt_completions(
+    spec: str, text_column: str | None = None, label_column: str | None = None
+) -> PromptCompletions:
     """Causal-LM data: instruction/response (or prompt/completion...) rows, plain ``text`` rows, or a labelled set."""
     if is_builtin(spec):
         return as_prompts(load_dataset(spec), spec)
@@ -243,7 +254,9 @@ def load_prompt_completions(spec: str, text_column: str | None = None, label_col
     if pair is None and (label_column is not None or any(c in columns for c in LABEL_COLUMNS)):
         return as_prompts(load_classification(spec, text_column, label_column))  # text -> label name
     if pair is None:
-        text_col = _pick_column(path, columns, text_column, TEXT_COLUMNS, "text (or instruction/response)", "--text-column")
+        text_col = _pick_column(
+            path, columns, text_column, TEXT_COLUMNS, "text (or instruction/response)", "--text-column"
+        )
         texts = [_cell(path, line, row, text_col) for line, row in rows]
         return PromptCompletions([""] * len(texts), texts, path.name, str(path))
     prompt_col, completion_col = pair
@@ -258,7 +271,9 @@ def load_prompt_completions(spec: str, text_column: str | None = None, label_col
     return PromptCompletions(prompts, completions, path.name, str(path))
 
 
-def split_prompts(data: PromptCompletions, n_train: int, n_test: int, seed: int = 0) -> tuple[PromptCompletions, PromptCompletions]:
+def split_prompts(
+    data: PromptCompletions, n_train: int, n_test: int, seed: int = 0
+) -> tuple[PromptCompletions, PromptCompletions]:
     """Deterministic disjoint train/test rows (test drawn first, as in :func:`split`)."""
     if n_train < 1 or n_test < 1 or n_train + n_test > len(data):
         raise DataError(f"cannot take {n_train} train + {n_test} test rows from {data.name} ({len(data)} rows)")

@@ -14,7 +14,16 @@ from peftcore.files import CONFIG_NAME, PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS
 from peftcore.serialization import LAYER_PREFIX, tensors_by_module
 
 PREFIX = LAYER_PREFIX
-SHOWN_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "init_r", "target_r", "num_virtual_tokens", "feedforward_modules")
+SHOWN_FIELDS = (
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "use_dora",
+    "init_r",
+    "target_r",
+    "num_virtual_tokens",
+    "feedforward_modules",
+)
 FOLDER_HINT = f"an adapter folder holds {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}, as written by save_pretrained"
 
 
@@ -30,7 +39,9 @@ def _read_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{config_path}: not valid JSON ({exc})", "the file is damaged; save the adapter again") from None
+        raise CliError(
+            f"{config_path}: not valid JSON ({exc})", "the file is damaged; save the adapter again"
+        ) from None
     if not isinstance(raw, dict):
         raise CliError(f"{config_path}: expected a JSON object, got {type(raw).__name__}", FOLDER_HINT)
     weights_path = folder / SAFETENSORS_WEIGHTS_NAME
@@ -132,7 +143,10 @@ def info(folder: Path, as_json: bool) -> None:
             *[[k, json.dumps(v)] for k, v in report["settings"].items()],
             ["modules to save", ", ".join(report["modules_to_save"] or []) or "-"],
             ["adapted modules", str(report["adapted_modules"])],
-            ["trainable params", f"{report['parameters']:,} in {report['tensors']} tensors ({', '.join(report['dtypes'])})"],
+            [
+                "trainable params",
+                f"{report['parameters']:,} in {report['tensors']} tensors ({', '.join(report['dtypes'])})",
+            ],
             ["file size", human_bytes(report["file_bytes"])],
             ["consistent", "yes" if report["consistent"] else f"NO ({len(report['problems'])} problems)"],
         ]

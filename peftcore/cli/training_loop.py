@@ -73,13 +73,18 @@ def pad_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         fill = IGNORE_INDEX if key == "labels" else (pad_token_id if key == "input_ids" else 0)
         batch[key] = torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in examples])
     if "attention_mask" not in batch:
-        batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples])
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+        )
     return batch
 
 
 def batches(examples: list[dict], batch_size: int, pad_token_id: int, order: list[int] | None = None) -> list[dict]:
     order = list(range(len(examples))) if order is None else order
-    return [pad_batch([examples[i] for i in order[s:s + batch_size]], pad_token_id) for s in range(0, len(order), batch_size)]
+    return [
+        pad_batch([examples[i] for i in order[s : s + batch_size]], pad_token_id)
+        for s in range(0, len(order), batch_size)
+    ]
 
 
 def length_grouped_order(examples: list[dict], batch_size: int, seed: int) -> list[int]:
@@ -213,8 +218,12 @@ def choice_accuracy(model: nn.Module, tokenizer, data: PromptCompletions, settin
     candidates = sorted(set(data.completions))
     if not 2 <= len(candidates) <= 10:
         return None
-    expanded = PromptCompletions([p for p in data.prompts for _ in candidates], [c for _ in data.prompts for c in candidates],
-                                 data.name, data.source)
+    expanded = PromptCompletions(
+        [p for p in data.prompts for _ in candidates],
+        [c for _ in data.prompts for c in candidates],
+        data.name,
+        data.source,
+    )
     examples = prompt_completion_examples(tokenizer, expanded, settings.max_length)
     nll = completion_nll(model, examples, settings.batch_size, pad_id(tokenizer)).view(len(data), len(candidates))
     truth = torch.tensor([candidates.index(c) for c in data.completions])

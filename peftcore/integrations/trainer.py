@@ -60,7 +60,9 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike, adapter_na
     """Copy saved weights into the existing adapter ``adapter_name``; every tensor must match."""
     config = model.peft_config[adapter_name]
     weights = serialization.load_weights(folder)
-    missing, unexpected = hooks.load_adapter_state_dict(model=model, config=config, adapter_name=adapter_name, state_dict=weights)
+    missing, unexpected = hooks.load_adapter_state_dict(
+        model=model, config=config, adapter_name=adapter_name, state_dict=weights
+    )
     if missing or unexpected:
         raise AdapterFileError(
             f"{folder}: adapter {adapter_name!r} does not match the model: "

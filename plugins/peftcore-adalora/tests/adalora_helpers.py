@@ -19,14 +19,44 @@ def tiny_model(arch: str, seed: int = 0):
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
         return model.eval(), dict(input_ids=ids, labels=torch.tensor([0, 1, 1, 0]))
     if arch == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
-                                               eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        model = t.GPT2LMHeadModel(
+            t.GPT2Config(
+                vocab_size=64,
+                n_embd=16,
+                n_layer=2,
+                n_head=2,
+                n_positions=32,
+                bos_token_id=0,
+                eos_token_id=0,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
     elif arch == "llama":
-        model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2))
+        model = t.LlamaForCausalLM(
+            t.LlamaConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
     elif arch == "t5":
-        model = t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_decoder_layers=2,
-                                                        num_heads=2, d_kv=8, dropout_rate=0.0))
+        model = t.T5ForConditionalGeneration(
+            t.T5Config(
+                vocab_size=64,
+                d_model=16,
+                d_ff=32,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=2,
+                d_kv=8,
+                dropout_rate=0.0,
+            )
+        )
         return model.eval(), dict(input_ids=ids, decoder_input_ids=ids[:, :5], labels=ids[:, 1:6])
     else:
         raise ValueError(arch)

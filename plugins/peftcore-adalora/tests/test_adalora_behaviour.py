@@ -40,12 +40,18 @@ def _triplets(model) -> dict[str, dict[str, torch.Tensor]]:
 def _analytic_counts(arch, config, init_r) -> tuple[int, int]:
     """(number of adapted modules, adapter parameters) for PEFT's AdaLoRA defaults, from dimensions alone."""
     if arch == "bert":  # query, value: 16 -> 16
-        modules, dims = 2 * config.num_hidden_layers, [(config.hidden_size, config.hidden_size)] * 2 * config.num_hidden_layers
+        modules, dims = (
+            2 * config.num_hidden_layers,
+            [(config.hidden_size, config.hidden_size)] * 2 * config.num_hidden_layers,
+        )
     elif arch == "gpt2":  # c_attn: n_embd -> 3 n_embd
         modules, dims = config.n_layer, [(config.n_embd, 3 * config.n_embd)] * config.n_layer
     elif arch == "llama":  # q_proj: hidden -> heads*head_dim, v_proj: hidden -> kv_heads*head_dim
         head = config.hidden_size // config.num_attention_heads
-        per_layer = [(config.hidden_size, config.num_attention_heads * head), (config.hidden_size, config.num_key_value_heads * head)]
+        per_layer = [
+            (config.hidden_size, config.num_attention_heads * head),
+            (config.hidden_size, config.num_key_value_heads * head),
+        ]
         modules, dims = 2 * config.num_hidden_layers, per_layer * config.num_hidden_layers
     elif arch == "t5":  # q, k, v, o in every attention block; wi, wo in every layer
         inner = config.num_heads * config.d_kv
@@ -86,7 +92,9 @@ def test_update_follows_the_svd_formula():
     torch.manual_seed(0)
     layer = nn.Linear(5, 3).double()
     x = torch.randn(4, 5, dtype=torch.float64)
-    model = get_peft_model(nn.Sequential(layer), AdaLoraConfig(target_modules=["0"], init_r=4, target_r=2, lora_alpha=6, total_step=5))
+    model = get_peft_model(
+        nn.Sequential(layer), AdaLoraConfig(target_modules=["0"], init_r=4, target_r=2, lora_alpha=6, total_step=5)
+    )
     model.double()
     randomize_adapters(model)
     wrapped = model.base_model.model[0]
@@ -162,7 +170,9 @@ def test_orthogonality_term_is_in_the_training_loss_and_absent_in_eval(arch):
     if arch == "bert":
         task_loss = F.cross_entropy(eval_out.logits.double(), labels)
     else:  # causal LM: predict token t+1 from position t
-        task_loss = F.cross_entropy(eval_out.logits[:, :-1].double().reshape(-1, eval_out.logits.shape[-1]), labels[:, 1:].reshape(-1))
+        task_loss = F.cross_entropy(
+            eval_out.logits[:, :-1].double().reshape(-1, eval_out.logits.shape[-1]), labels[:, 1:].reshape(-1)
+        )
     assert eval_out.loss.item() == pytest.approx(task_loss.item(), abs=1e-5)
 
     model.train()
@@ -214,11 +224,16 @@ def test_total_rank_budget_follows_the_cubic_schedule_and_ends_at_target():
         observed[step] = (kept, nonzero_e)
 
     train_with_allocation(model, inputs, steps=SCHEDULE["total_step"] + 2, on_step=check)
-    masked_steps = [s for s in range(SCHEDULE["tinit"] + 1, boundary + 1) if s % SCHEDULE["deltaT"] == 0 or s == boundary]
+    masked_steps = [
+        s for s in range(SCHEDULE["tinit"] + 1, boundary + 1) if s % SCHEDULE["deltaT"] == 0 or s == boundary
+    ]
     assert masked_steps == [4, 6, 8, 9]
     for step in range(SCHEDULE["tinit"] + 1):
         assert observed[step] == (None, init_budget)  # warm-up: nothing masked
-    budgets = [_expected_budget(s, init_budget, target_budget, SCHEDULE["tinit"], SCHEDULE["tfinal"], SCHEDULE["total_step"]) for s in masked_steps]
+    budgets = [
+        _expected_budget(s, init_budget, target_budget, SCHEDULE["tinit"], SCHEDULE["tfinal"], SCHEDULE["total_step"])
+        for s in masked_steps
+    ]
     assert budgets == sorted(budgets, reverse=True) and budgets[0] < init_budget and budgets[-1] == target_budget
     for step, budget in zip(masked_steps, budgets):
         assert observed[step] == (budget, budget), step
@@ -279,7 +294,9 @@ def test_allocator_settings_are_checked_when_training_starts():
     with pytest.raises(ValueError, match="beta1 must be strictly between 0 and 1"):
         get_peft_model(base, AdaLoraConfig(task_type="SEQ_CLS", total_step=10, beta1=1.0))
     with pytest.warns(UserWarning, match=r"target_r \(9\) exceeds init_r \(4\).*prune nothing"):
-        model = get_peft_model(tiny_model("bert")[0], AdaLoraConfig(task_type="SEQ_CLS", total_step=10, init_r=4, target_r=9))
+        model = get_peft_model(
+            tiny_model("bert")[0], AdaLoraConfig(task_type="SEQ_CLS", total_step=10, init_r=4, target_r=9)
+        )
     _, inputs = tiny_model("bert")
     train_with_allocation(model, inputs, steps=10)  # PEFT fails here (kthvalue with k < 0)
     assert all(all(mask) for mask in model.peft_config["default"].rank_pattern.values())
@@ -291,7 +308,10 @@ def test_r_is_ignored_with_a_warning_as_in_peft():
 
 
 def test_unknown_architecture_needs_target_modules():
-    with pytest.raises(ValueError, match="AdaLoraConfig: target_modules is None and no installed plugin has a default for model_type None"):
+    with pytest.raises(
+        ValueError,
+        match="AdaLoraConfig: target_modules is None and no installed plugin has a default for model_type None",
+    ):
         get_peft_model(nn.Sequential(nn.Linear(3, 3)), AdaLoraConfig(total_step=10))
 
 
@@ -365,7 +385,9 @@ def test_trainer_callback_allocates_ranks_without_a_manual_call(tmp_path):
     rank_pattern = model.peft_config["default"].rank_pattern
     assert rank_pattern is not None
     assert sum(sum(m) for m in rank_pattern.values()) == SCHEDULE["target_r"] * len(rank_pattern)
-    assert sum(int((t["lora_E"] != 0).sum()) for t in _triplets(model).values()) == SCHEDULE["target_r"] * len(rank_pattern)
+    assert sum(int((t["lora_E"] != 0).sum()) for t in _triplets(model).values()) == SCHEDULE["target_r"] * len(
+        rank_pattern
+    )
 
 
 def test_callback_warns_when_total_step_differs_from_the_trainer_steps():

@@ -81,7 +81,10 @@ def test_rank_allocation_matches_peft_step_for_step_and_files_cross_load(arch, i
 
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
-    their_files, our_files = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    their_files, our_files = (
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+    )
     assert {k: v.shape for k, v in our_files.items()} == {k: v.shape for k, v in their_files.items()}
     for key, tensor in our_files.items():
         torch.testing.assert_close(tensor, their_files[key], atol=1e-5, rtol=1e-4)
@@ -104,7 +107,9 @@ def test_rank_allocation_matches_peft_step_for_step_and_files_cross_load(arch, i
 def test_trainable_biases_match_peft_and_cross_load(bias, tmp_path):
     theirs, inputs = _build(peft, "bert", bias=bias)
     ours, _ = _build(peftcore, "bert", bias=bias)
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    ]
     with torch.no_grad():
         for model in (theirs, ours):
             randomize_adapters(model)
@@ -115,7 +120,10 @@ def test_trainable_biases_match_peft_and_cross_load(bias, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     their_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
     # peft's bias="all" also writes the head copies' biases under internal names; they load back to nothing
-    their_keys -= {"base_model.model.classifier.modules_to_save.bias", "base_model.model.classifier.original_module.bias"}
+    their_keys -= {
+        "base_model.model.classifier.modules_to_save.bias",
+        "base_model.model.classifier.original_module.bias",
+    }
     assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == their_keys
     loaded_ours = _load_quietly("bert", tmp_path / "peft")
     torch.testing.assert_close(logits(loaded_ours, inputs), logits(theirs, inputs), atol=1e-6, rtol=0)

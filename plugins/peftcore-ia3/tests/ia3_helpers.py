@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-TASK_TYPES = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "mistral": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+TASK_TYPES = {
+    "bert": "SEQ_CLS",
+    "gpt2": "CAUSAL_LM",
+    "llama": "CAUSAL_LM",
+    "mistral": "CAUSAL_LM",
+    "t5": "SEQ_2_SEQ_LM",
+}
 
 
 def tiny_model(arch: str, seed: int = 0):
@@ -14,15 +20,41 @@ def tiny_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     ids = torch.randint(3, 60, (3, 7))
     if arch == "bert":
-        model = t.BertForSequenceClassification(t.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+        model = t.BertForSequenceClassification(
+            t.BertConfig(
+                vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+            )
+        )
     elif arch == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
+        model = t.GPT2LMHeadModel(
+            t.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+        )
     elif arch == "llama":
-        model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        model = t.LlamaForCausalLM(
+            t.LlamaConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
     elif arch == "mistral":
-        model = t.MistralForCausalLM(t.MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        model = t.MistralForCausalLM(
+            t.MistralConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
     elif arch == "t5":
-        model = t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=8))
+        model = t.T5ForConditionalGeneration(
+            t.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=8)
+        )
         return model.eval(), dict(input_ids=ids, decoder_input_ids=ids[:, :5])
     else:
         raise ValueError(arch)

@@ -26,7 +26,9 @@ def _ia3_model(arch, **options):
 
 def _analytic_vector_count(arch, config) -> int:
     """Sum of the vector lengths PEFT's default targets imply, from the model's dimensions alone."""
-    if arch == "bert":  # key, value (out), attention.output.dense (ff: in = hidden), output.dense (ff: in = intermediate)
+    if (
+        arch == "bert"
+    ):  # key, value (out), attention.output.dense (ff: in = hidden), output.dense (ff: in = intermediate)
         return config.num_hidden_layers * (3 * config.hidden_size + config.intermediate_size)
     if arch == "gpt2":  # c_attn (out = 3 * hidden), mlp.c_proj (ff: in = 4 * hidden)
         return config.n_layer * (3 * config.n_embd + 4 * config.n_embd)
@@ -217,7 +219,9 @@ def test_unsupported_layer_type_is_named():
 def test_a_layer_cannot_be_feedforward_for_one_adapter_and_not_for_another():
     model, _, _ = _ia3_model("gpt2")
     with pytest.raises(ValueError, match=r"mlp\.c_proj.*existing adapters scale its input"):
-        model.add_adapter("other", IA3Config(task_type="CAUSAL_LM", target_modules=["mlp.c_proj"], feedforward_modules=[]))
+        model.add_adapter(
+            "other", IA3Config(task_type="CAUSAL_LM", target_modules=["mlp.c_proj"], feedforward_modules=[])
+        )
     assert set(model.peft_config) == {"default"}  # the failed adapter left nothing behind
 
 

@@ -16,7 +16,10 @@ import peftcore
 ARCHS = ["bert", "gpt2", "llama", "t5"]
 VARIANTS = {
     "defaults": dict(),
-    "explicit": dict(target_modules=["k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], feedforward_modules=["up_proj", "down_proj"]),
+    "explicit": dict(
+        target_modules=["k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        feedforward_modules=["up_proj", "down_proj"],
+    ),
     "regex": dict(target_modules=r".*\.(k_proj|down_proj)", feedforward_modules=r".*\.down_proj"),
 }
 
@@ -69,7 +72,9 @@ def test_same_parameter_names_files_and_config_as_peft(arch, tmp_path):
     theirs = peft.get_peft_model(tiny_model(arch)[0], peft.IA3Config(task_type=TASK_TYPES[arch]))
     ours = peftcore.get_peft_model(tiny_model(arch)[0], peftcore.IA3Config(task_type=TASK_TYPES[arch]))
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    ]
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
     assert _shapes(tmp_path / "ours") == _shapes(tmp_path / "peft")

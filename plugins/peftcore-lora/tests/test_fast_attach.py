@@ -146,7 +146,9 @@ def test_load_adapter_into_a_model_with_many_adapters_costs_the_same(tmp_path):
 def test_adapter_weights_are_written_once_and_well_formed(arch):
     """Built on the meta device: every value must still come from an initialiser, never from empty memory."""
     base, _ = tiny_model(arch)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_bias=True, fan_in_fan_out=arch == "gpt2"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, target_modules="all-linear", lora_bias=True, fan_in_fan_out=arch == "gpt2")
+    )
     for name, layer in model.base_model.adapter_layers():
         a = layer.lora_A["default"].weight
         b, b_bias = layer.lora_B["default"].weight, layer.lora_B["default"].bias
@@ -173,7 +175,10 @@ def test_init_false_still_matches_peft_seed_for_seed():
 
 def test_gaussian_init_draws_a_from_n_0_1_over_r():
     torch.manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(400, 300)), LoraConfig(r=8, target_modules=["0"], init_lora_weights="gaussian"))
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(400, 300)),
+        LoraConfig(r=8, target_modules=["0"], init_lora_weights="gaussian"),
+    )
     a = model.base_model.model[0].lora_A["default"].weight
     assert abs(a.std().item() - 1 / 8) < 0.01 and abs(a.mean().item()) < 0.01
 

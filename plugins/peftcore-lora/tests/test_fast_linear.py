@@ -165,7 +165,9 @@ def test_dropout_matches_float64_reference_with_the_plain_paths_mask(monkeypatch
     """Rebuild the mask from the RNG and check y = xW.T + b + s*B(A(mask*x/(1-p))) in float64."""
     torch.manual_seed(0)
     layer = nn.Linear(10, 6)
-    model = get_peft_model(nn.Sequential(copy.deepcopy(layer)), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.4, target_modules=["0"]))
+    model = get_peft_model(
+        nn.Sequential(copy.deepcopy(layer)), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.4, target_modules=["0"])
+    )
     _randomize(model)
     model.train()
     monkeypatch.setenv("PEFTCORE_LORA_FAST", "1")
@@ -185,7 +187,9 @@ def test_saves_the_input_and_small_tensors_only():
     """Autograd keeps x (shared), x@A.T and a bool mask -- no dropout copy, no (N, out) product."""
     torch.manual_seed(0)
     n, d_in, d_out, r = 64, 32, 48, 4
-    model = get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), LoraConfig(r=r, lora_dropout=0.2, target_modules=["0"]))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(d_in, d_out)), LoraConfig(r=r, lora_dropout=0.2, target_modules=["0"])
+    )
     model.train()
     x = torch.randn(n, d_in, requires_grad=True)
 
@@ -310,7 +314,9 @@ def test_hooks_quantised_like_subclasses_and_dtype_mismatch_fall_back(monkeypatc
     _randomize(model)
     x = torch.randn(3, 4)
     wrapped = model.base_model.model[0]
-    expected = wrapped.base_layer(x) + wrapped.lora_B["default"](wrapped.lora_A["default"](x)) * wrapped.scaling["default"]
+    expected = (
+        wrapped.base_layer(x) + wrapped.lora_B["default"](wrapped.lora_A["default"](x)) * wrapped.scaling["default"]
+    )
     torch.testing.assert_close(model(x), expected, **TOL)
     assert counting["fused"] == 0
 
@@ -392,7 +398,9 @@ class GatedBlock(nn.Module):
 
 def _gated_model(dropout: float = 0.0):
     torch.manual_seed(0)
-    model = get_peft_model(GatedBlock(), LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout, target_modules=["gate", "up", "down"]))
+    model = get_peft_model(
+        GatedBlock(), LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout, target_modules=["gate", "up", "down"])
+    )
     model.base_model.model.norm_weight.requires_grad_(False)
     _randomize(model)
     return model
@@ -459,7 +467,9 @@ def test_inputs_are_kept_when_they_cannot_be_rebuilt():
     assert rebuild.input_recipe(changed) is None
 
 
-@pytest.mark.parametrize("a, b", [((3, 1, 5), (4, 5)), ((), (2,)), ((2, 3), (3, 2)), ((1,), (7, 1)), ((2, 1), (1, 2, 3))])
+@pytest.mark.parametrize(
+    "a, b", [((3, 1, 5), (4, 5)), ((), (2,)), ((2, 3), (3, 2)), ((1,), (7, 1)), ((2, 1), (1, 2, 3))]
+)
 def test_recipe_shape_rule_is_torchs_broadcasting(a, b):
     try:
         expected = tuple(torch.broadcast_shapes(a, b))

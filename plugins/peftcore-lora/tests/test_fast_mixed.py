@@ -46,7 +46,9 @@ def grouped_calls(monkeypatch):
 def _adapters(k: int, arch: str = "llama", **options):
     base, inputs = tiny_model(arch)
     ids = torch.randint(3, 60, (6, 5), generator=torch.Generator().manual_seed(1))
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", **options), adapter_name="a0")
+    model = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", **options), adapter_name="a0"
+    )
     for i in range(1, k):
         # different ranks and scalings per adapter: the grouped path pads ranks with zeros
         model.add_adapter(f"a{i}", LoraConfig(r=2 + i, lora_alpha=3 + i, target_modules="all-linear", **options))
@@ -102,7 +104,9 @@ def test_layer_level_against_float64_formula(names):
     """One Linear, three adapters of different rank (one with lora_bias), rows of 2-D and 3-D inputs."""
     torch.manual_seed(0)
     layer = nn.Linear(7, 5)
-    model = get_peft_model(nn.Sequential(copy.deepcopy(layer)), LoraConfig(r=2, lora_alpha=5, target_modules=["0"]), adapter_name="x")
+    model = get_peft_model(
+        nn.Sequential(copy.deepcopy(layer)), LoraConfig(r=2, lora_alpha=5, target_modules=["0"]), adapter_name="x"
+    )
     model.add_adapter("y", LoraConfig(r=4, lora_alpha=3, target_modules=["0"], lora_bias=True))
     model.add_adapter("z", LoraConfig(r=1, lora_alpha=1, use_rslora=True, target_modules=["0"]))
     _randomize(model)

@@ -19,7 +19,11 @@ from peftcore_lora import kernels  # noqa: E402
 from peftcore_lora.fast import _Adapter, _grouped_delta  # noqa: E402
 
 # against float64: fp32 sums of a few dozen terms drift by ~1e-5 relative
-TOLS = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2), torch.bfloat16: dict(atol=8e-2, rtol=5e-2)}
+TOLS = {
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+    torch.bfloat16: dict(atol=8e-2, rtol=5e-2),
+}
 # the kernels sum in tiles of 16 where BLAS uses its own blocking: both fp32, different order
 SAME_PATH = dict(atol=1e-5, rtol=1e-4)
 
@@ -98,10 +102,16 @@ def test_segmented_mixed_batch_matches_grouped_torch_path(dtype):
     picks = [2, 0, 1, 1, 2]
     got = kernels.segmented_lora(x3, As, Bs, biases, scalings, picks)
     assert got is not None, kernels._broken
-    want = torch.stack([
-        scalings[k] * ((x3[b].double() @ As[k].double().T) @ Bs[k].double().T + (0 if biases[k] is None else biases[k].double()))
-        for b, k in enumerate(picks)
-    ])
+    want = torch.stack(
+        [
+            scalings[k]
+            * (
+                (x3[b].double() @ As[k].double().T) @ Bs[k].double().T
+                + (0 if biases[k] is None else biases[k].double())
+            )
+            for b, k in enumerate(picks)
+        ]
+    )
     torch.testing.assert_close(got.double(), want, **TOLS[dtype])
     if dtype == torch.float32:
         torch.testing.assert_close(got, _grouped_delta(x3, As, Bs, biases, scalings, picks), **SAME_PATH)
@@ -122,7 +132,9 @@ def test_layer_forward_takes_the_triton_path_under_the_interpreter(monkeypatch):
 
     monkeypatch.setattr(kernels.TritonLoraLinear, "apply", counted)
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8)), LoraConfig(r=4, target_modules=["0", "2"]))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8)), LoraConfig(r=4, target_modules=["0", "2"])
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -52,7 +52,9 @@ def test_forward_matches_float64_reference():
 
 
 def test_rslora_scaling_is_alpha_over_sqrt_r():
-    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=9, lora_alpha=6, use_rslora=True, target_modules=["0"]))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=9, lora_alpha=6, use_rslora=True, target_modules=["0"])
+    )
     assert model.base_model.model[0].scaling["default"] == pytest.approx(6 / math.sqrt(9))
 
 
@@ -85,8 +87,11 @@ def test_lora_bias_merge_without_base_bias_is_refused(llama):
     base, _ = llama
     model = get_peft_model(base, LoraConfig(r=2, lora_bias=True))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"'default' into model\.layers\.0\.self_attn\.q_proj: it changes the bias, but "
-                                         "the base layer has none"):
+    with pytest.raises(
+        ValueError,
+        match=r"'default' into model\.layers\.0\.self_attn\.q_proj: it changes the bias, but "
+        "the base layer has none",
+    ):
         model.merge_adapter()
     assert not any(layer.merged for _, layer in model.base_model.adapter_layers())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -203,17 +208,27 @@ def test_trainable_parameter_counts_are_analytic(llama):
 def test_bias_modes_train_the_right_biases():
     base, _ = tiny_model("bert")
     lora_only = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, bias="lora_only", task_type="SEQ_CLS"))
-    trained = {n for n, p in lora_only.named_parameters() if p.requires_grad and n.endswith("bias") and "lora_" not in n}
-    assert trained and all(n.endswith(("query.base_layer.bias", "value.base_layer.bias")) or "classifier" in n for n in trained)
+    trained = {
+        n for n, p in lora_only.named_parameters() if p.requires_grad and n.endswith("bias") and "lora_" not in n
+    }
+    assert trained and all(
+        n.endswith(("query.base_layer.bias", "value.base_layer.bias")) or "classifier" in n for n in trained
+    )
     everything = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, bias="all", task_type="SEQ_CLS"))
     n_bias = sum(1 for n, _ in base.named_parameters() if n.endswith(".bias"))
-    trained_all = {n for n, p in everything.named_parameters() if p.requires_grad and n.endswith(".bias") and "modules_to_save" not in n}
+    trained_all = {
+        n
+        for n, p in everything.named_parameters()
+        if p.requires_grad and n.endswith(".bias") and "modules_to_save" not in n
+    }
     assert len(trained_all) == n_bias - 1  # every bias but the frozen original classifier's
 
 
 def test_rank_and_alpha_patterns(llama):
     base, _ = llama
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3}))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3})
+    )
     layers = model.base_model.model.model.layers
     assert layers[1].self_attn.q_proj.r["default"] == 2 and layers[0].self_attn.q_proj.r["default"] == 4
     assert layers[0].self_attn.v_proj.scaling["default"] == pytest.approx(3 / 4)
@@ -230,7 +245,9 @@ def test_pissa_and_olora_keep_the_initial_output(llama, init):
 
 
 def test_gaussian_init_has_std_one_over_r():
-    model = get_peft_model(nn.Sequential(nn.Linear(4000, 8)), LoraConfig(r=8, init_lora_weights="gaussian", target_modules=["0"]))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(4000, 8)), LoraConfig(r=8, init_lora_weights="gaussian", target_modules=["0"])
+    )
     a = model.base_model.model[0].lora_A["default"].weight
     assert a.std().item() == pytest.approx(1 / 8, rel=0.05)
 

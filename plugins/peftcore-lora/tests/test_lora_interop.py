@@ -19,7 +19,12 @@ CONFIGS = {
     "default": dict(),
     "dora": dict(use_dora=True),
     "all-linear+bias": dict(target_modules="all-linear", bias="lora_only", lora_alpha=16),
-    "rslora+patterns": dict(use_rslora=True, r=4, rank_pattern={"layers.1.*": 2, "h.1.*": 2, "layer.1.*": 2, "block.1.*": 2}, alpha_pattern={".*0.*": 3}),
+    "rslora+patterns": dict(
+        use_rslora=True,
+        r=4,
+        rank_pattern={"layers.1.*": 2, "h.1.*": 2, "layer.1.*": 2, "block.1.*": 2},
+        alpha_pattern={".*0.*": 3},
+    ),
     "lora_bias": dict(lora_bias=True),
 }
 
@@ -46,7 +51,9 @@ def _peft_config(cls, arch, options):
 @pytest.mark.parametrize("variant", sorted(CONFIGS))
 def test_peft_saved_adapter_loads_in_peftcore(arch, variant, tmp_path):
     base, inputs = tiny_model(arch)
-    theirs = peft.get_peft_model(copy.deepcopy(base), _peft_config(peft.LoraConfig, arch, dict(CONFIGS[variant]))).eval()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), _peft_config(peft.LoraConfig, arch, dict(CONFIGS[variant]))
+    ).eval()
     _randomize_adapters(theirs)
     theirs.save_pretrained(tmp_path)
     with warnings.catch_warnings():
@@ -60,7 +67,9 @@ def test_peft_saved_adapter_loads_in_peftcore(arch, variant, tmp_path):
 @pytest.mark.parametrize("variant", sorted(CONFIGS))
 def test_peftcore_saved_adapter_loads_in_peft(arch, variant, tmp_path):
     base, inputs = tiny_model(arch)
-    ours = peftcore.get_peft_model(copy.deepcopy(base), _peft_config(peftcore.LoraConfig, arch, dict(CONFIGS[variant]))).eval()
+    ours = peftcore.get_peft_model(
+        copy.deepcopy(base), _peft_config(peftcore.LoraConfig, arch, dict(CONFIGS[variant]))
+    ).eval()
     _randomize_adapters(ours)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
@@ -74,7 +83,9 @@ def test_same_parameter_names_files_and_config_keys_as_peft(arch, tmp_path):
     theirs = peft.get_peft_model(copy.deepcopy(base), _peft_config(peft.LoraConfig, arch, dict(options)))
     ours = peftcore.get_peft_model(copy.deepcopy(base), _peft_config(peftcore.LoraConfig, arch, dict(options)))
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    ]
 
     theirs.save_pretrained(tmp_path / "peft")
     ours.save_pretrained(tmp_path / "ours")
@@ -153,4 +164,7 @@ def test_architectures_peft_has_no_default_for_get_attention_targets():
         peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(task_type="SEQ_CLS"))
     ours = peftcore.get_peft_model(model, peftcore.LoraConfig(task_type="SEQ_CLS"))
     assert ours.peft_config["default"].target_modules == {"q_lin", "v_lin"}
-    assert {n.rsplit(".", 1)[1] for n, m in ours.named_modules() if isinstance(m, peftcore.AdapterLayer)} == {"q_lin", "v_lin"}
+    assert {n.rsplit(".", 1)[1] for n, m in ours.named_modules() if isinstance(m, peftcore.AdapterLayer)} == {
+        "q_lin",
+        "v_lin",
+    }

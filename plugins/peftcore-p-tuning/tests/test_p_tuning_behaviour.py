@@ -13,15 +13,22 @@ from peftcore.testing import PROMPT_TASKS as TASKS
 from peftcore.testing import tiny_generation_model as tiny_model
 
 ARCHS = list(TASKS)
-ENCODERS = {"MLP": dict(encoder_hidden_size=16), "LSTM": dict(encoder_hidden_size=16, encoder_reparameterization_type="LSTM")}
+ENCODERS = {
+    "MLP": dict(encoder_hidden_size=16),
+    "LSTM": dict(encoder_hidden_size=16, encoder_reparameterization_type="LSTM"),
+}
 
 
 def pair(arch, encoder, seed=11):
     """The same p-tuning adapter built by peft and by peftcore (same seed, same draws)."""
     torch.manual_seed(seed)
-    theirs = peft.get_peft_model(tiny_model(arch), peft.PromptEncoderConfig(task_type=TASKS[arch], num_virtual_tokens=3, **ENCODERS[encoder]))
+    theirs = peft.get_peft_model(
+        tiny_model(arch), peft.PromptEncoderConfig(task_type=TASKS[arch], num_virtual_tokens=3, **ENCODERS[encoder])
+    )
     torch.manual_seed(seed)
-    ours = get_peft_model(tiny_model(arch), PromptEncoderConfig(task_type=TASKS[arch], num_virtual_tokens=3, **ENCODERS[encoder]))
+    ours = get_peft_model(
+        tiny_model(arch), PromptEncoderConfig(task_type=TASKS[arch], num_virtual_tokens=3, **ENCODERS[encoder])
+    )
     return theirs.eval(), ours.eval()
 
 
@@ -79,9 +86,17 @@ def test_disable_adapter_on_a_classifier_gives_the_base_model():
 
 
 def test_lstm_encoder_layers_and_dropout_reach_the_lstm():
-    model = get_peft_model(tiny_model("gpt2"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8,
-                                                                   encoder_reparameterization_type="LSTM", encoder_num_layers=3,
-                                                                   encoder_dropout=0.25))
+    model = get_peft_model(
+        tiny_model("gpt2"),
+        PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=4,
+            encoder_hidden_size=8,
+            encoder_reparameterization_type="LSTM",
+            encoder_num_layers=3,
+            encoder_dropout=0.25,
+        ),
+    )
     lstm = model.prompt_encoder["default"].lstm_head
     assert (lstm.num_layers, lstm.dropout, lstm.hidden_size, lstm.bidirectional) == (3, 0.25, 8, True)
     # prompt table: 4 tokens x 32, produced by the LSTM then the 2-layer head
@@ -90,7 +105,9 @@ def test_lstm_encoder_layers_and_dropout_reach_the_lstm():
 
 def test_mlp_ignores_encoder_num_layers_with_a_warning():
     with pytest.warns(UserWarning, match="encoder_num_layers is ignored for MLP"):
-        model = get_peft_model(tiny_model("gpt2"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_num_layers=5))
+        model = get_peft_model(
+            tiny_model("gpt2"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_num_layers=5)
+        )
     head = model.prompt_encoder["default"].mlp_head
     assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
     assert head[0].out_features == 32  # encoder_hidden_size defaults to token_dim
@@ -112,7 +129,9 @@ def test_bad_config_values_raise_at_construction(kwargs, message):
 
 
 def test_config_has_peft_fields_and_help_for_the_cli():
-    assert set(PromptEncoderConfig(num_virtual_tokens=3).to_dict()) == set(peft.PromptEncoderConfig(num_virtual_tokens=3).to_dict())
+    assert set(PromptEncoderConfig(num_virtual_tokens=3).to_dict()) == set(
+        peft.PromptEncoderConfig(num_virtual_tokens=3).to_dict()
+    )
     base_fields = {f.name for f in dataclasses.fields(peftcore.PeftConfig)}
     for f in dataclasses.fields(PromptEncoderConfig):
         if f.name not in base_fields:

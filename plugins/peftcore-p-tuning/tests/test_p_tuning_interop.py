@@ -22,7 +22,9 @@ def config_kwargs(encoder):
 @pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_peft_saved_adapter_loads_in_peftcore(arch, encoder, tmp_path):
-    reference = peft.get_peft_model(tiny_model(arch), peft.PromptEncoderConfig(task_type=TASKS[arch], **config_kwargs(encoder)))
+    reference = peft.get_peft_model(
+        tiny_model(arch), peft.PromptEncoderConfig(task_type=TASKS[arch], **config_kwargs(encoder))
+    )
     perturb(reference, scale=0.3)
     reference.eval().save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path)
@@ -31,7 +33,9 @@ def test_peft_saved_adapter_loads_in_peftcore(arch, encoder, tmp_path):
     reloaded_by_peft = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path)
     torch.testing.assert_close(outputs(loaded, batch(arch)), outputs(reloaded_by_peft, batch(arch)), atol=1e-6, rtol=0)
     # PEFT saves the LSTM output computed with autograd on, which differs from its no-grad output by ~1e-6
-    torch.testing.assert_close(outputs(loaded, batch(arch)), outputs(reference, batch(arch)), atol=1e-5 if encoder == "LSTM" else 1e-6, rtol=0)
+    torch.testing.assert_close(
+        outputs(loaded, batch(arch)), outputs(reference, batch(arch)), atol=1e-5 if encoder == "LSTM" else 1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
@@ -55,12 +59,18 @@ def test_saved_tensor_is_the_encoder_output_and_config_keys_match_peft(tmp_path)
     assert list(saved) == ["prompt_embeddings"]
     torch.testing.assert_close(saved["prompt_embeddings"], expected, atol=0, rtol=0)
     assert torch.equal(model.get_prompt_embedding_to_save("default"), saved["prompt_embeddings"])  # PEFT's accessor
-    peft.get_peft_model(tiny_model("t5"), peft.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", **config_kwargs("LSTM"))).save_pretrained(tmp_path / "peft")
+    peft.get_peft_model(
+        tiny_model("t5"), peft.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", **config_kwargs("LSTM"))
+    ).save_pretrained(tmp_path / "peft")
     ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert set(ours) == set(theirs)
-    assert {k: ours[k] for k in ("encoder_hidden_size", "encoder_reparameterization_type", "num_transformer_submodules", "token_dim")} == {
-        k: theirs[k] for k in ("encoder_hidden_size", "encoder_reparameterization_type", "num_transformer_submodules", "token_dim")
+    assert {
+        k: ours[k]
+        for k in ("encoder_hidden_size", "encoder_reparameterization_type", "num_transformer_submodules", "token_dim")
+    } == {
+        k: theirs[k]
+        for k in ("encoder_hidden_size", "encoder_reparameterization_type", "num_transformer_submodules", "token_dim")
     }
 
 

@@ -20,8 +20,16 @@ PROJECTIONS = {"plain": {}, "projection": dict(prefix_projection=True, encoder_h
 
 def tiny_gemma():
     torch.manual_seed(0)
-    config = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=1, head_dim=16, initializer_range=0.2)
+    config = transformers.GemmaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        initializer_range=0.2,
+    )
     return transformers.GemmaForCausalLM(config).eval()
 
 
@@ -50,13 +58,18 @@ def test_forward_matches_peft_and_backward_touches_only_the_prefix(arch, project
     out.loss.backward()
     for name, param in ours.named_parameters():
         if param.requires_grad:
-            assert name.startswith("prompt_encoder.default.") and param.grad is not None and param.grad.abs().sum() > 0, name
+            assert (
+                name.startswith("prompt_encoder.default.") and param.grad is not None and param.grad.abs().sum() > 0
+            ), name
         else:
             assert param.grad is None, name
 
 
 def test_grouped_query_attention_prefixes_have_key_value_head_shapes():
-    """Llama: 4 query heads, 2 key/value heads of 8; Gemma: 4 query heads, 1 key/value head of 16 (head_dim != hidden/heads)."""
+    """Llama: 4 query heads, 2 key/value heads of 8; Gemma: 4 query heads, 1 key/value head of 16.
+
+    (Gemma's head_dim is not hidden / heads.)
+    """
     llama = build(lambda: tiny_model("llama"), "CAUSAL_LM")
     config = llama.peft_config["default"]
     assert (config.token_dim, config.num_attention_heads, config.num_layers) == (16, 2, 2)
@@ -179,8 +192,12 @@ def test_a_cache_given_by_the_caller_is_refused():
 
 def test_zero_init_starts_as_a_zero_prefix():
     for projection in PROJECTIONS:
-        model = get_peft_model(tiny_model("gpt2"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights="zero",
-                                                                      **PROJECTIONS[projection]))
+        model = get_peft_model(
+            tiny_model("gpt2"),
+            PrefixTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=3, init_weights="zero", **PROJECTIONS[projection]
+            ),
+        )
         assert model.prompt_encoder["default"].prompt_embeddings_to_save().abs().max() == 0
 
 
@@ -199,7 +216,9 @@ def test_bad_config_values_raise_at_construction(kwargs, message):
 
 
 def test_config_has_peft_fields_and_help_for_the_cli():
-    assert set(PrefixTuningConfig(num_virtual_tokens=3).to_dict()) == set(peft.PrefixTuningConfig(num_virtual_tokens=3).to_dict())
+    assert set(PrefixTuningConfig(num_virtual_tokens=3).to_dict()) == set(
+        peft.PrefixTuningConfig(num_virtual_tokens=3).to_dict()
+    )
     base_fields = {f.name for f in dataclasses.fields(peftcore.PeftConfig)}
     for f in dataclasses.fields(PrefixTuningConfig):
         if f.name not in base_fields:

@@ -22,11 +22,15 @@ def make(arch, **kwargs):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_matches_peft_and_backward_touches_only_the_prompt(arch):
     torch.manual_seed(11)
-    reference = peft.get_peft_model(tiny_model(arch), peft.PromptTuningConfig(task_type=TASKS[arch], num_virtual_tokens=3))
+    reference = peft.get_peft_model(
+        tiny_model(arch), peft.PromptTuningConfig(task_type=TASKS[arch], num_virtual_tokens=3)
+    )
     torch.manual_seed(11)
     model = make(arch)
     # same seed, same draws: PEFT's init order is kept
-    assert torch.equal(model.prompt_encoder["default"].embedding.weight, reference.prompt_encoder["default"].embedding.weight)
+    assert torch.equal(
+        model.prompt_encoder["default"].embedding.weight, reference.prompt_encoder["default"].embedding.weight
+    )
     kwargs = batch(arch)
     out = model(**kwargs)  # eval mode: dropout off on both sides
     with torch.no_grad():
@@ -73,9 +77,12 @@ def test_token_type_ids_and_position_ids_are_padded_for_the_virtual_tokens():
         base.classifier = model.base_model.classifier.modules_to_save["default"]
         prompt = model.prompt_encoder["default"].embedding.weight
         embeds = torch.cat([prompt.expand(2, -1, -1), base.get_input_embeddings()(kwargs["input_ids"])], 1)
-        expected = base(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), kwargs["attention_mask"]], 1),
-                        token_type_ids=torch.cat([torch.zeros(2, 3, dtype=torch.long), token_types], 1),
-                        position_ids=torch.arange(9).expand(2, 9)).logits
+        expected = base(
+            inputs_embeds=embeds,
+            attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), kwargs["attention_mask"]], 1),
+            token_type_ids=torch.cat([torch.zeros(2, 3, dtype=torch.long), token_types], 1),
+            position_ids=torch.arange(9).expand(2, 9),
+        ).logits
     torch.testing.assert_close(with_ids, expected, atol=1e-6, rtol=0)
 
 
@@ -110,7 +117,9 @@ def test_generate_takes_input_ids_positionally_and_with_beams():
     kwargs = batch("llama", padded=False)
     by_keyword = model.generate(input_ids=kwargs["input_ids"], max_new_tokens=3, do_sample=False)
     assert torch.equal(model.generate(kwargs["input_ids"], max_new_tokens=3, do_sample=False), by_keyword)
-    beams = model.generate(input_ids=kwargs["input_ids"], max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    beams = model.generate(
+        input_ids=kwargs["input_ids"], max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False
+    )
     assert beams.shape == (4, 9)
 
 
@@ -128,7 +137,9 @@ def test_disable_adapter_gives_the_base_model(arch):
     assert not torch.allclose(outputs(model, kwargs)[:, -1], disabled[:, -1])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"prompt_encoder.default.embedding.weight"} | (
-        {"base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"} if arch == "bert" else set()
+        {"base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
+        if arch == "bert"
+        else set()
     )
 
 
@@ -142,7 +153,9 @@ def test_several_adapters_switch_and_delete():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(".default." in n for n in trainable)
     model.set_adapter("other")
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n.replace(".default.", ".other.") for n in trainable}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n.replace(".default.", ".other.") for n in trainable
+    }
     second = outputs(model, kwargs)
     assert not torch.allclose(first, second)
     model.delete_adapter("other")
@@ -211,7 +224,9 @@ def test_config_has_peft_fields_and_help_for_the_cli():
     ours = PromptTuningConfig(num_virtual_tokens=3).to_dict()
     theirs = peft.PromptTuningConfig(num_virtual_tokens=3).to_dict()
     assert set(ours) == set(theirs)
-    own_fields = {f.name for f in dataclasses.fields(PromptTuningConfig)} - {f.name for f in dataclasses.fields(peftcore.PeftConfig)}
+    own_fields = {f.name for f in dataclasses.fields(PromptTuningConfig)} - {
+        f.name for f in dataclasses.fields(peftcore.PeftConfig)
+    }
     for f in dataclasses.fields(PromptTuningConfig):
         if f.name in own_fields:
             assert f.metadata.get("help"), f.name

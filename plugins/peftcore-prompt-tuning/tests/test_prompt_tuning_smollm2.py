@@ -21,7 +21,12 @@ def smollm2():
         pytest.skip(str(exc))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path), path, data
+    return (
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        AutoTokenizer.from_pretrained(path),
+        path,
+        data,
+    )
 
 
 def encode(tokenizer, texts):
@@ -46,8 +51,13 @@ def test_text_initialised_prompt_learns_sms_spam_labels(smollm2):
     train, test = split(data, n_train=24, n_test=24, seed=0, balanced=True)
     label_ids = torch.tensor([tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS])
     torch.manual_seed(0)
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, prompt_tuning_init="TEXT",
-                                prompt_tuning_init_text="Label the SMS message as ham or spam.", tokenizer_name_or_path=str(path))
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=8,
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="Label the SMS message as ham or spam.",
+        tokenizer_name_or_path=str(path),
+    )
     model = get_peft_model(base, config)
     assert model.get_nb_trainable_parameters()[0] == 8 * base.config.hidden_size
     start = time.perf_counter()
@@ -63,6 +73,9 @@ def test_text_initialised_prompt_learns_sms_spam_labels(smollm2):
         optimizer.zero_grad()
     with torch.no_grad():
         loss_after, accuracy_after = label_loss_and_accuracy(model, tokenizer, test.texts, test.labels, label_ids)
-    print(f"held-out label loss {loss_before:.3f} -> {loss_after:.3f}, accuracy {accuracy_before:.3f} -> {accuracy_after:.3f} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"held-out label loss {loss_before:.3f} -> {loss_after:.3f}, accuracy {accuracy_before:.3f} -> "
+        f"{accuracy_after:.3f} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     assert loss_after < 0.5 * loss_before

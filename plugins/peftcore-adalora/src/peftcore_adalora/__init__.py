@@ -4,7 +4,15 @@ from peftcore_adalora.allocator import RankAllocator, orthogonal_regularizer
 from peftcore_adalora.config import AdaLoraConfig
 from peftcore_adalora.layer import AdaLoraLayer, SVDConv2d, SVDLinear
 
-__all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "RankAllocator", "SVDConv2d", "SVDLinear", "orthogonal_regularizer"]
+__all__ = [
+    "AdaLoraCallback",
+    "AdaLoraConfig",
+    "AdaLoraLayer",
+    "RankAllocator",
+    "SVDConv2d",
+    "SVDLinear",
+    "orthogonal_regularizer",
+]
 
 
 def __getattr__(name: str):

@@ -56,7 +56,8 @@ class RankAllocator:
         if peft_config.target_r > peft_config.init_r:
             # PEFT fails at the first masking step (kthvalue with k < 0); here nothing is ever pruned
             warnings.warn(
-                f"AdaLoraConfig: target_r ({peft_config.target_r}) exceeds init_r ({peft_config.init_r}); ranks can only "
+                f"AdaLoraConfig: target_r ({peft_config.target_r}) exceeds init_r ({peft_config.init_r}); ranks can "
+                "only "
                 "shrink, so update_and_allocate will prune nothing. Set target_r <= init_r.",
                 stacklevel=2,
             )
@@ -111,7 +112,9 @@ class RankAllocator:
                 self.exp_avg_unc[name] = torch.zeros_like(param)
             self.ipt[name] = (param * param.grad).abs().detach()
             self.exp_avg_ipt[name] = self.beta1 * self.exp_avg_ipt[name] + (1 - self.beta1) * self.ipt[name]
-            self.exp_avg_unc[name] = self.beta2 * self.exp_avg_unc[name] + (1 - self.beta2) * (self.ipt[name] - self.exp_avg_ipt[name]).abs()
+            self.exp_avg_unc[name] = (
+                self.beta2 * self.exp_avg_unc[name] + (1 - self.beta2) * (self.ipt[name] - self.exp_avg_ipt[name]).abs()
+            )
 
     def _element_score(self, name: str) -> torch.Tensor:
         return self.exp_avg_ipt[name] * self.exp_avg_unc[name]
@@ -122,7 +125,9 @@ class RankAllocator:
         value_ipt: dict[str, torch.Tensor] = {}
         for name, kind, _ in self._named_triplets(model):
             if name not in self.exp_avg_ipt:
-                raise RuntimeError(f"AdaLoRA: no importance score for {name} yet; update_and_allocate must see gradients first")
+                raise RuntimeError(
+                    f"AdaLoRA: no importance score for {name} yet; update_and_allocate must see gradients first"
+                )
             score = self._element_score(name)
             key = name.replace(kind, "%s")
             if kind == "lora_A":
@@ -180,7 +185,9 @@ def update_and_allocate(adapter_model: nn.Module, global_step: int) -> None:
     name = getattr(adapter_model, "trainable_adapter_name", None)
     allocator = getattr(adapter_model, "rankallocator", None)
     if name is None or allocator is None or name not in adapter_model.peft_config:
-        raise RuntimeError("update_and_allocate needs a trainable AdaLoRA adapter; this model has none (loaded for inference?)")
+        raise RuntimeError(
+            "update_and_allocate needs a trainable AdaLoRA adapter; this model has none (loaded for inference?)"
+        )
     config = adapter_model.peft_config[name]
     boundary = config.total_step - config.tfinal
     if global_step < boundary:
@@ -194,7 +201,8 @@ def update_and_allocate(adapter_model: nn.Module, global_step: int) -> None:
     else:
         if not config.rank_pattern:
             raise RuntimeError(
-                f"update_and_allocate({global_step}): past total_step - tfinal ({boundary}) but no allocation was made; "
+                f"update_and_allocate({global_step}): past total_step - tfinal ({boundary}) but no allocation was "
+                "made; "
                 "call it at every step, starting from 0"
             )
         allocator.mask_using_rank_pattern(adapter_model.model, config.rank_pattern)
@@ -210,7 +218,9 @@ def resize_modules_by_rank_pattern(adapter_model: nn.Module, rank_pattern: dict,
         layers[path].resize(adapter_name, kept)
 
 
-def resize_state_dict_by_rank_pattern(state_dict: dict[str, torch.Tensor], rank_pattern: dict, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+def resize_state_dict_by_rank_pattern(
+    state_dict: dict[str, torch.Tensor], rank_pattern: dict, prefix: str = "base_model.model."
+) -> dict[str, torch.Tensor]:
     """Cut saved tensors (disk names) to the kept ranks; tensors already that small stay as they are."""
     out = dict(state_dict)
     for key, kept in rank_pattern.items():
@@ -225,6 +235,8 @@ def resize_state_dict_by_rank_pattern(state_dict: dict[str, torch.Tensor], rank_
             if tensor.shape[dim] == rank:
                 continue
             if tensor.shape[dim] != len(kept):
-                raise ValueError(f"{name} has {tensor.shape[dim]} ranks but rank_pattern[{key!r}] has {len(kept)} entries")
+                raise ValueError(
+                    f"{name} has {tensor.shape[dim]} ranks but rank_pattern[{key!r}] has {len(kept)} entries"
+                )
             out[name] = tensor[mask.to(tensor.device)] if dim == 0 else tensor[:, mask.to(tensor.device)]
     return out

@@ -50,7 +50,9 @@ def rank_pattern_module(key: str) -> tuple[str, str | None]:
     """``a.b.lora_E.default`` -> ("a.b", "default"); ``a.b.lora_E`` (as saved) -> ("a.b", None)."""
     found = _RANK_PATTERN_KEY.fullmatch(key)
     if found is None:
-        raise ValueError(f"AdaLoraConfig.rank_pattern key {key!r} does not name a lora_E parameter (<module>.lora_E[.<adapter>])")
+        raise ValueError(
+            f"AdaLoraConfig.rank_pattern key {key!r} does not name a lora_E parameter (<module>.lora_E[.<adapter>])"
+        )
     return found["module"], found["adapter"]
 
 
@@ -71,7 +73,9 @@ class AdaLoraConfig(LayerConfig):
                 "None uses PEFT's AdaLoRA default for the architecture"})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
         "help": "module names or a regex of modules never to adapt"})
-    lora_alpha: int = field(default=8, metadata={"help": "scaling numerator: delta W = B (A * E) * lora_alpha / ranknum"})
+    lora_alpha: int = field(
+        default=8, metadata={"help": "scaling numerator: delta W = B (A * E) * lora_alpha / ranknum"}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
     fan_in_fan_out: bool = field(default=False, metadata={
         "help": "the wrapped layer stores its weight as (in, out), as GPT-2's Conv1D (set automatically)"})
@@ -89,17 +93,25 @@ class AdaLoraConfig(LayerConfig):
     rank_pattern: Optional[dict] = field(default=None, metadata={
         "help": "the allocation the RankAllocator made ({'<module>.lora_E': [kept?, ...]}); written on save, "
                 "applied on load to shrink the matrices"})
-    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "no effect on AdaLoRA (PEFT ignores it too)"})
+    alpha_pattern: Optional[dict] = field(
+        default_factory=dict, metadata={"help": "no effect on AdaLoRA (PEFT ignores it too)"}
+    )
     megatron_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
     megatron_core: Optional[str] = field(default="megatron.core", metadata={"help": "not used"})
-    trainable_token_indices: Optional[Union[list[int], dict]] = field(default=None, metadata={"help": "not supported (must stay None)"})
-    loftq_config: Union[dict, None] = field(default_factory=dict, metadata={"help": "not supported by AdaLoRA (must stay empty)"})
+    trainable_token_indices: Optional[Union[list[int], dict]] = field(
+        default=None, metadata={"help": "not supported (must stay None)"}
+    )
+    loftq_config: Union[dict, None] = field(
+        default_factory=dict, metadata={"help": "not supported by AdaLoRA (must stay empty)"}
+    )
     eva_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
     corda_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
     lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
     use_dora: bool = field(default=False, metadata={"help": "not supported by AdaLoRA (must stay False)"})
     velora_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
-    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "not supported (must stay None)"})
+    alora_invocation_tokens: Optional[list[int]] = field(
+        default=None, metadata={"help": "not supported (must stay None)"}
+    )
     use_qalora: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
     qalora_group_size: int = field(default=16, metadata={"help": "not used"})
     monteclora_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
@@ -133,9 +145,13 @@ class AdaLoraConfig(LayerConfig):
         if self.loftq_config not in (None, {}):
             raise ValueError("AdaLoraConfig: loftq_config is not supported by AdaLoRA")
         if self.r != 8:
-            warnings.warn("AdaLoraConfig: r is not used by AdaLoRA and is ignored; set the initial rank with init_r", stacklevel=3)
+            warnings.warn(
+                "AdaLoraConfig: r is not used by AdaLoRA and is ignored; set the initial rank with init_r", stacklevel=3
+            )
         if self.use_rslora or self.alpha_pattern:
-            warnings.warn("AdaLoraConfig: use_rslora and alpha_pattern have no effect on AdaLoRA (as in PEFT)", stacklevel=3)
+            warnings.warn(
+                "AdaLoraConfig: use_rslora and alpha_pattern have no effect on AdaLoRA (as in PEFT)", stacklevel=3
+            )
         self._check_schedule()
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"AdaLoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -151,13 +167,22 @@ class AdaLoraConfig(LayerConfig):
                 raise ValueError(f"AdaLoraConfig: {name} must be a non-negative integer, got {value!r}")
         if self.deltaT < 1:
             raise ValueError(f"AdaLoraConfig: deltaT must be at least 1, got {self.deltaT}")
-        if self.total_step is None or isinstance(self.total_step, bool) or not isinstance(self.total_step, int) or self.total_step <= 0:
-            raise ValueError(f"AdaLoraConfig: total_step is required and must be an integer > 0 (the number of training steps), got {self.total_step!r}")
+        if (
+            self.total_step is None
+            or isinstance(self.total_step, bool)
+            or not isinstance(self.total_step, int)
+            or self.total_step <= 0
+        ):
+            raise ValueError(
+                "AdaLoraConfig: total_step is required and must be an integer > 0 (the number of training steps), "
+                f"got {self.total_step!r}"
+            )
         if self.orth_reg_weight < 0:
             raise ValueError(f"AdaLoraConfig: orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
-                f"AdaLoraConfig: tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no budgeting "
+                f"AdaLoraConfig: tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no "
+                "budgeting "
                 "phase (need tinit < total_step - tfinal); decrease tinit/tfinal or increase total_step"
             )
 
@@ -167,4 +192,6 @@ class AdaLoraConfig(LayerConfig):
         for key, mask in self.rank_pattern.items():
             rank_pattern_module(key)
             if not isinstance(mask, (list, tuple)) or not all(isinstance(v, bool) or v in (0, 1) for v in mask):
-                raise ValueError(f"AdaLoraConfig: rank_pattern[{key!r}] must be a list of booleans (kept ranks), got {mask!r}")
+                raise ValueError(
+                    f"AdaLoraConfig: rank_pattern[{key!r}] must be a list of booleans (kept ranks), got {mask!r}"
+                )

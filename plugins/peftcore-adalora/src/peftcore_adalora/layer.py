@@ -118,7 +118,9 @@ class SVDConv2d(AdaLoraLayer):
 
     def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config, module_name: str = ""):
         if base_layer.groups != 1:
-            raise ValueError(f"{module_name}: AdaLoRA for grouped convolutions (groups={base_layer.groups}) is not supported")
+            raise ValueError(
+                f"{module_name}: AdaLoRA for grouped convolutions (groups={base_layer.groups}) is not supported"
+            )
         super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, module_name)
         self.fan_in_fan_out = False
         self.create_adapter(adapter_name, config)

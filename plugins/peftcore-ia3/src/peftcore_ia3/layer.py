@@ -18,7 +18,9 @@ class IA3Layer(ScalingAdapterLayer):
     adapter_layer_names = ("ia3_l",)
     peft_type = "IA3"
 
-    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, is_feedforward: bool, module_name: str):
+    def __init__(
+        self, base_layer: nn.Module, in_features: int, out_features: int, is_feedforward: bool, module_name: str
+    ):
         super().__init__(base_layer, module_name)
         self.in_features, self.out_features = in_features, out_features
         self.is_feedforward = is_feedforward
@@ -129,8 +131,13 @@ class _ConvNd(IA3Layer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_name: str = ""):
         if base_layer.weight.dim() != self.kernel_dim:
-            raise ValueError(f"{module_name}: {type(self).__name__} needs a {self.kernel_dim}-d kernel, got {base_layer.weight.dim()}-d")
-        super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, config.is_feedforward(module_name), module_name)
+            raise ValueError(
+                f"{module_name}: {type(self).__name__} needs a {self.kernel_dim}-d kernel, got "
+                f"{base_layer.weight.dim()}-d"
+            )
+        super().__init__(
+            base_layer, base_layer.in_channels, base_layer.out_channels, config.is_feedforward(module_name), module_name
+        )
         self.fan_in_fan_out = False
         self.create_adapter(adapter_name, config)
 

@@ -26,13 +26,17 @@ class DoraLinearLayer(nn.Module):
         weight = transpose(weight, self.fan_in_fan_out) + scaling * lora_weight
         return torch.linalg.norm(weight, dim=1).to(weight.dtype)
 
-    def update_layer(self, *, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    def update_layer(
+        self, *, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    ) -> None:
         with torch.no_grad():
             weight = base_layer.weight.float()
             norm = self.get_weight_norm(weight, self.lora_weight(lora_A.float(), lora_B.float()), scaling)
         self.weight = nn.Parameter(norm.to(lora_A.dtype), requires_grad=True)
 
-    def forward(self, x, *, lora_A: nn.Module, lora_B: nn.Module, scaling: float, base_layer: nn.Module, base_result=None):
+    def forward(
+        self, x, *, lora_A: nn.Module, lora_B: nn.Module, scaling: float, base_layer: nn.Module, base_result=None
+    ):
         weight = base_layer.weight.to(x.dtype)
         lora_weight = self.lora_weight(lora_A.weight, lora_B.weight)
         weight_norm = self.get_weight_norm(weight, lora_weight.detach(), scaling).detach()
@@ -78,13 +82,17 @@ class DoraConv2dLayer(DoraLinearLayer):
         weight = weight + scaling * lora_weight
         return weight.norm(p=2, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(1, 0)
 
-    def forward(self, x, *, lora_A: nn.Module, lora_B: nn.Module, scaling: float, base_layer: nn.Module, base_result=None):
+    def forward(
+        self, x, *, lora_A: nn.Module, lora_B: nn.Module, scaling: float, base_layer: nn.Module, base_result=None
+    ):
         weight = base_layer.weight
         lora_weight = self.lora_weight(lora_A.weight, lora_B.weight)
         weight_norm = self.get_weight_norm(weight, lora_weight.detach(), scaling).detach()
         mag_norm_scale = self.weight / weight_norm
         if base_result is None:
-            base_result = F.conv2d(x, weight, None, base_layer.stride, base_layer.padding, base_layer.dilation, base_layer.groups)
+            base_result = F.conv2d(
+                x, weight, None, base_layer.stride, base_layer.padding, base_layer.dilation, base_layer.groups
+            )
         elif base_layer.bias is not None:
             base_result = base_result - base_layer.bias.view(1, -1, 1, 1)
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_B(lora_A(x)) * scaling

@@ -107,7 +107,11 @@ def _adapter(layer, name: str, dtype, device) -> _Adapter | None:
     else:
         return None
     A, B, bias = lora_A._parameters["weight"], lora_B._parameters["weight"], lora_B._parameters["bias"]
-    if A is None or B is None or not (_matches(A, dtype, device) and _matches(B, dtype, device) and _matches(bias, dtype, device)):
+    if (
+        A is None
+        or B is None
+        or not (_matches(A, dtype, device) and _matches(B, dtype, device) and _matches(bias, dtype, device))
+    ):
         return None
     return _Adapter(A, B, bias, float(layer.scaling[name]), float(p))
 
@@ -303,7 +307,9 @@ def linear_forward(layer, x: torch.Tensor):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora)):
         scalings = tuple(ad.scaling for ad in adapters)
         ps = tuple(ad.p for ad in adapters)
-        y = FusedLoraLinear.apply(x2d, weight, bias, fan_in_fan_out, scalings, ps, rebuild.input_rebuild(x, in_features), *lora)
+        y = FusedLoraLinear.apply(
+            x2d, weight, bias, fan_in_fan_out, scalings, ps, rebuild.input_rebuild(x, in_features), *lora
+        )
     else:
         y = _base_mm(x2d, weight, bias, fan_in_fan_out)
         _lora_forward_into(y, x2d, adapters, keep=False)
@@ -393,10 +399,16 @@ def _grouped_delta(x3, As, Bs, biases, scalings, picks: list[int], out: torch.Te
     A_rows = stack_padded([As[k] for k in picks], 0, r_max)  # (rows, r, in)
     B_rows = stack_padded([Bs[k] for k in picks], 1, r_max)  # (rows, out, r)
     scale = torch.tensor([scalings[k] for k in picks], dtype=x3.dtype, device=device).view(-1, 1, 1)
-    xa = torch.bmm(x3, A_rows.transpose(1, 2)).mul_(scale) if out is not None else torch.bmm(x3, A_rows.transpose(1, 2)) * scale
+    xa = (
+        torch.bmm(x3, A_rows.transpose(1, 2)).mul_(scale)
+        if out is not None
+        else torch.bmm(x3, A_rows.transpose(1, 2)) * scale
+    )
     if has_bias:
         zero = torch.zeros(Bs[0].shape[0], dtype=x3.dtype, device=device)
-        bias_rows = (torch.stack([biases[k] if biases[k] is not None else zero for k in picks]) * scale.view(-1, 1)).unsqueeze(1)
+        bias_rows = (
+            torch.stack([biases[k] if biases[k] is not None else zero for k in picks]) * scale.view(-1, 1)
+        ).unsqueeze(1)
     if out is not None:
         out.baddbmm_(xa, B_rows.transpose(1, 2))
         if has_bias:

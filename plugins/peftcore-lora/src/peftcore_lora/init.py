@@ -27,14 +27,18 @@ def reset_lora_parameters(layer, adapter_name: str, init: bool | str) -> None:
 def _base_weight_fp32(layer) -> tuple[torch.Tensor, torch.dtype]:
     weight = layer.get_base_layer().weight
     if not weight.is_floating_point():
-        raise ValueError(f"{type(layer).__name__}: PiSSA/OLoRA init needs floating-point base weights, got {weight.dtype}")
+        raise ValueError(
+            f"{type(layer).__name__}: PiSSA/OLoRA init needs floating-point base weights, got {weight.dtype}"
+        )
     w = weight.data.to(torch.float32)
     return (w.T if getattr(layer, "fan_in_fan_out", False) else w), weight.dtype
 
 
 def _require_linear(layer, name: str) -> None:
     if not hasattr(layer, "fan_in_fan_out"):
-        raise ValueError(f"{name} initialisation is only available for Linear/Conv1D layers, not {type(layer).__name__}")
+        raise ValueError(
+            f"{name} initialisation is only available for Linear/Conv1D layers, not {type(layer).__name__}"
+        )
 
 
 def _write_back(layer, adapter_name: str, weight: torch.Tensor, dtype: torch.dtype) -> None:
@@ -54,8 +58,12 @@ def pissa_init(layer, adapter_name: str) -> None:
     r = layer.r[adapter_name]
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     s_r = s[:r] / layer.scaling[adapter_name]
-    layer.lora_A[adapter_name].weight.data = (torch.diag(torch.sqrt(s_r)) @ vh[:r]).to(layer.lora_A[adapter_name].weight.dtype)
-    layer.lora_B[adapter_name].weight.data = (u[:, :r] @ torch.diag(torch.sqrt(s_r))).to(layer.lora_B[adapter_name].weight.dtype)
+    layer.lora_A[adapter_name].weight.data = (torch.diag(torch.sqrt(s_r)) @ vh[:r]).to(
+        layer.lora_A[adapter_name].weight.dtype
+    )
+    layer.lora_B[adapter_name].weight.data = (u[:, :r] @ torch.diag(torch.sqrt(s_r))).to(
+        layer.lora_B[adapter_name].weight.dtype
+    )
     _write_back(layer, adapter_name, weight, dtype)
 
 

@@ -192,7 +192,9 @@ class Linear(LoraLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) and a.device.type == "cpu" else a.dtype
+        compute_dtype = (
+            torch.float32 if a.dtype in (torch.float16, torch.bfloat16) and a.device.type == "cpu" else a.dtype
+        )
         delta = transpose(b.to(compute_dtype) @ a.to(compute_dtype), self.fan_in_fan_out) * self.scaling[adapter_name]
         return delta.to(a.dtype)
 
@@ -240,13 +242,17 @@ class Conv2d(LoraLayer):
 
     def __init__(self, base_layer: nn.Conv2d, adapter_name: str, config, module_name: str = ""):
         if base_layer.groups != 1:
-            raise ValueError(f"{module_name}: LoRA for grouped convolutions (groups={base_layer.groups}) is not supported")
+            raise ValueError(
+                f"{module_name}: LoRA for grouped convolutions (groups={base_layer.groups}) is not supported"
+            )
         super().__init__(base_layer, base_layer.in_channels, base_layer.out_channels, module_name)
         self.create_adapter(adapter_name, config)
 
     def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
-        self.lora_A[adapter_name] = _uninitialised(nn.Conv2d, self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_A[adapter_name] = _uninitialised(
+            nn.Conv2d, self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False
+        )
         self.lora_B[adapter_name] = _uninitialised(nn.Conv2d, r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
 
     def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:

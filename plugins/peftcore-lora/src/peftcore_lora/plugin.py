@@ -60,14 +60,18 @@ def default_target_modules(config, model_type):
 
 @hookimpl
 def adapter_injected(model, config, adapter_name):
-    """Warn about patterns that matched nothing; ``bias``: "all" trains every bias, "lora_only" those of wrapped layers."""
+    """Warn about patterns that matched nothing; ``bias``: "all" trains every bias, "lora_only" wrapped layers' ones."""
     if not isinstance(config, LoraConfig):
         return
     wrapped = [name for name, layer in model.adapter_layers() if adapter_name in layer.adapter_names]
     for field_name in ("rank_pattern", "alpha_pattern"):
         unused = [key for key in getattr(config, field_name) if not any(matches_pattern(key, name) for name in wrapped)]
         if unused:
-            warnings.warn(f"LoraConfig.{field_name} keys {unused} matched no targeted module and were ignored", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"LoraConfig.{field_name} keys {unused} matched no targeted module and were ignored",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if config.bias == "none" or config.inference_mode:
         return
     for name, param in model.model.named_parameters():

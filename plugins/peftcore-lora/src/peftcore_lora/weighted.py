@@ -10,7 +10,9 @@ import torch
 COMBINATIONS = ("cat", "linear", "svd")
 
 
-def combine(model, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, options: dict) -> bool:
+def combine(
+    model, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str, options: dict
+) -> bool:
     from peftcore_lora.layer import LoraLayer
 
     if combination_type not in COMBINATIONS:
@@ -23,7 +25,10 @@ def combine(model, adapters: list[str], weights: list[float], adapter_name: str,
         new_rank = sum(ranks)
     elif combination_type == "linear":
         if len(set(ranks)) != 1:
-            raise ValueError(f"combination_type 'linear' needs adapters of equal rank, got {dict(zip(adapters, ranks))}; use 'cat' or 'svd'")
+            raise ValueError(
+                f"combination_type 'linear' needs adapters of equal rank, got {dict(zip(adapters, ranks))}; use "
+                "'cat' or 'svd'"
+            )
         new_rank = ranks[0]
     else:
         new_rank = options.get("svd_rank") or max(ranks)
@@ -78,7 +83,9 @@ def _svd_into(layer, adapter_name: str, present, rank: int, options: dict) -> No
     conv = delta.dim() == 4
     fan_in_fan_out = getattr(layer, "fan_in_fan_out", False) or adapter_name in layer.lora_embedding_A
     matrix = delta.flatten(start_dim=1) if conv else (delta.T if fan_in_fan_out else delta)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=options.get("svd_full_matrices", True), driver=options.get("svd_driver"))
+    u, s, vh = torch.linalg.svd(
+        matrix, full_matrices=options.get("svd_full_matrices", True), driver=options.get("svd_driver")
+    )
     u = u[:, :rank] @ torch.diag(s[:rank])
     vh = vh[:rank, :]
     clamp = options.get("svd_clamp")

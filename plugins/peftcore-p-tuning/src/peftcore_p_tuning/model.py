@@ -32,15 +32,31 @@ class PromptEncoder(VirtualTokenAdapter):
             return
         hidden = self.hidden_size
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
-            self.lstm_head = nn.LSTM(input_size=self.token_dim, hidden_size=hidden, num_layers=config.encoder_num_layers,
-                                     dropout=config.encoder_dropout, bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, self.token_dim))
+            self.lstm_head = nn.LSTM(
+                input_size=self.token_dim,
+                hidden_size=hidden,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, self.token_dim)
+            )
         else:
             if config.encoder_num_layers != MLP_LAYERS:
-                warnings.warn(f"PromptEncoderConfig: encoder_num_layers is ignored for MLP; exactly {MLP_LAYERS} hidden layers are used",
-                              stacklevel=4)
-            self.mlp_head = nn.Sequential(nn.Linear(self.token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                          nn.Linear(hidden, self.token_dim))
+                warnings.warn(
+                    f"PromptEncoderConfig: encoder_num_layers is ignored for MLP; exactly {MLP_LAYERS} hidden layers "
+                    "are used",
+                    stacklevel=4,
+                )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(self.token_dim, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, self.token_dim),
+            )
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         embeds = self.embedding(indices)

@@ -52,12 +52,17 @@ class PrefixEncoder(PromptLearningAdapter):
         self.token_dim = config.token_dim
         self.num_transformer_submodules = config.num_transformer_submodules
         if self.token_dim % self.num_heads:
-            raise ValueError(f"PrefixTuningConfig: token_dim={self.token_dim} is not divisible by num_attention_heads={self.num_heads}")
+            raise ValueError(
+                f"PrefixTuningConfig: token_dim={self.token_dim} is not divisible by "
+                f"num_attention_heads={self.num_heads}"
+            )
         prefix_width = self.num_layers * 2 * self.token_dim
         if config.prefix_projection and not config.inference_mode:
             hidden = config.encoder_hidden_size or self.token_dim
             self.embedding = nn.Embedding(self.num_virtual_tokens, self.token_dim)
-            self.transform = nn.Sequential(nn.Linear(self.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, prefix_width))
+            self.transform = nn.Sequential(
+                nn.Linear(self.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, prefix_width)
+            )
             if config.init_weights == "zero":
                 nn.init.zeros_(self.transform[-1].weight)
                 nn.init.zeros_(self.transform[-1].bias)
@@ -126,10 +131,14 @@ class PrefixEncoder(PromptLearningAdapter):
         if is_encoder_decoder(model):
             if kwargs.get("decoder_attention_mask") is not None:
                 mask = kwargs["decoder_attention_mask"]
-                kwargs["decoder_attention_mask"] = extend_attention_mask(mask, n, mask.shape[0], mask.shape[1], mask.device)
+                kwargs["decoder_attention_mask"] = extend_attention_mask(
+                    mask, n, mask.shape[0], mask.shape[1], mask.device
+                )
         else:
             # always explicit: encoders (BERT) size the keys from the mask, not from the cache
-            kwargs["attention_mask"] = extend_attention_mask(kwargs.get("attention_mask"), n, batch_size, seq_len, device)
+            kwargs["attention_mask"] = extend_attention_mask(
+                kwargs.get("attention_mask"), n, batch_size, seq_len, device
+            )
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n
         return kwargs
@@ -142,7 +151,9 @@ class PrefixEncoder(PromptLearningAdapter):
         # generate copies each row for beams / returned sequences, but leaves a given cache as it is
         kwargs[name] = self.build_cache(model, batch_size * generation_expand_size(model, kwargs))
         if not is_encoder_decoder(model):
-            kwargs["attention_mask"] = extend_attention_mask(kwargs.get("attention_mask"), self.num_virtual_tokens, batch_size, seq_len, device)
+            kwargs["attention_mask"] = extend_attention_mask(
+                kwargs.get("attention_mask"), self.num_virtual_tokens, batch_size, seq_len, device
+            )
         return kwargs
 
 

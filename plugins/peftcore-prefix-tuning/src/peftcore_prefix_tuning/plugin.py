@@ -50,4 +50,8 @@ def load_adapter_state_dict(model, config, adapter_name, state_dict):
 def check_adapter_files(config, tensors):
     if not isinstance(config, PrefixTuningConfig):
         return None
-    return check_prompt_embeddings(config, tensors, None if None in (config.num_layers, config.token_dim) else config.num_layers * 2 * config.token_dim)
+    return check_prompt_embeddings(
+        config,
+        tensors,
+        None if None in (config.num_layers, config.token_dim) else config.num_layers * 2 * config.token_dim,
+    )

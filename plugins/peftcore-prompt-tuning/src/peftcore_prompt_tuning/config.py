@@ -22,13 +22,21 @@ class PromptTuningInit(str, enum.Enum):
 class PromptTuningConfig(PromptLearningConfig):
     prompt_tuning_init: Union[PromptTuningInit, str] = field(
         default=PromptTuningInit.RANDOM,
-        metadata={"help": "How the virtual tokens start: RANDOM (N(0,1)), TEXT (embeddings of prompt_tuning_init_text) or SAMPLE_VOCAB (random vocabulary rows)"},
+        metadata={
+            "help": "How the virtual tokens start: RANDOM (N(0,1)), TEXT (embeddings of prompt_tuning_init_text) "
+                    "or SAMPLE_VOCAB (random vocabulary rows)"
+        },
     )
     prompt_tuning_init_text: Optional[str] = field(
-        default=None, metadata={"help": "Text whose token embeddings (repeated or cut to num_virtual_tokens) start the prompt; TEXT init only"}
+        default=None,
+        metadata={
+            "help": "Text whose token embeddings (repeated or cut to num_virtual_tokens) start the prompt; "
+                    "TEXT init only"
+        },
     )
     tokenizer_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Tokenizer (local folder or Hub id) for prompt_tuning_init_text; TEXT init only"}
+        default=None,
+        metadata={"help": "Tokenizer (local folder or Hub id) for prompt_tuning_init_text; TEXT init only"},
     )
     tokenizer_kwargs: Optional[dict] = field(
         default=None, metadata={"help": "Keyword arguments for AutoTokenizer.from_pretrained; TEXT init only"}
@@ -41,7 +49,9 @@ class PromptTuningConfig(PromptLearningConfig):
             self.prompt_tuning_init = PromptTuningInit(str(self.prompt_tuning_init))
         except ValueError:
             valid = ", ".join(i.value for i in PromptTuningInit)
-            raise ValueError(f"PromptTuningConfig: prompt_tuning_init must be one of {valid}, got {self.prompt_tuning_init!r}") from None
+            raise ValueError(
+                f"PromptTuningConfig: prompt_tuning_init must be one of {valid}, got {self.prompt_tuning_init!r}"
+            ) from None
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.tokenizer_name_or_path:
                 raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path")

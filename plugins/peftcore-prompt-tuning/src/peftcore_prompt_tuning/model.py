@@ -28,7 +28,10 @@ class PromptEmbedding(VirtualTokenAdapter):
         else:
             token_ids = torch.tensor(_text_token_ids(config, total), dtype=torch.long)
         if tuple(word_embeddings.weight.shape[1:]) != (config.token_dim,):
-            raise ValueError(f"PromptTuningConfig: token_dim={config.token_dim} but the model's word embeddings have width {word_embeddings.weight.shape[1]}")
+            raise ValueError(
+                f"PromptTuningConfig: token_dim={config.token_dim} but the model's word embeddings have width "
+                f"{word_embeddings.weight.shape[1]}"
+            )
         with torch.no_grad():
             init = word_embeddings(token_ids.to(device)).detach().clone().to(torch.float32)
         self.embedding.weight = nn.Parameter(init)
@@ -43,10 +46,16 @@ def _text_token_ids(config: PromptTuningConfig, total: int) -> list[int]:
 
     kwargs = dict(config.tokenizer_kwargs or {})
     if kwargs.pop("trust_remote_code", None):
-        warnings.warn("PromptTuningConfig: tokenizer_kwargs['trust_remote_code'] is ignored; no remote code runs for the init text", stacklevel=4)
+        warnings.warn(
+            "PromptTuningConfig: tokenizer_kwargs['trust_remote_code'] is ignored; no remote code runs for the init "
+            "text",
+            stacklevel=4,
+        )
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
-        raise ValueError(f"PromptTuningConfig: prompt_tuning_init_text {config.prompt_tuning_init_text!r} gives no tokens")
+        raise ValueError(
+            f"PromptTuningConfig: prompt_tuning_init_text {config.prompt_tuning_init_text!r} gives no tokens"
+        )
     ids = ids * math.ceil(total / len(ids))
     return ids[:total]

@@ -48,7 +48,9 @@ def usable(x: torch.Tensor) -> bool:
 def _disable(exc: Exception) -> None:
     global _broken
     _broken = f"{type(exc).__name__}: {exc}"
-    warnings.warn(f"peftcore-lora: Triton LoRA kernels failed ({_broken}); using the PyTorch path from now on", stacklevel=3)
+    warnings.warn(
+        f"peftcore-lora: Triton LoRA kernels failed ({_broken}); using the PyTorch path from now on", stacklevel=3
+    )
 
 
 def _scale_tensor(values, device) -> torch.Tensor:

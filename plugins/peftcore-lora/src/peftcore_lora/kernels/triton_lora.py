@@ -50,8 +50,12 @@ def _shrink_kernel(
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(x_base + rt[:, None] * s_xt + kk[None, :] * s_xk, mask=(rt[:, None] < T) & (kk[None, :] < K), other=0.0)
-        a = tl.load(a_base + kk[:, None] * s_ak + rr[None, :] * s_ar, mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
+        x = tl.load(
+            x_base + rt[:, None] * s_xt + kk[None, :] * s_xk, mask=(rt[:, None] < T) & (kk[None, :] < K), other=0.0
+        )
+        a = tl.load(
+            a_base + kk[:, None] * s_ak + rr[None, :] * s_ar, mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0
+        )
         if UPCAST:
             x = x.to(tl.float32)
             a = a.to(tl.float32)
@@ -101,14 +105,20 @@ def _expand_kernel(
             acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     scale = tl.load(SCALE + adapter).to(tl.float32)
     xa = tl.load(XA + seg * s_ab + rt[:, None] * s_at + rr[None, :] * s_ar, mask=row_ok & (rr[None, :] < R), other=0.0)
-    b = tl.load(B + adapter * s_ba + rr[:, None] * s_br + rn[None, :] * s_bn, mask=(rr[:, None] < R) & col_ok, other=0.0)
+    b = tl.load(
+        B + adapter * s_ba + rr[:, None] * s_br + rn[None, :] * s_bn, mask=(rr[:, None] < R) & col_ok, other=0.0
+    )
     lora = tl.dot(xa.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
     if HAS_LBIAS:
         lora += tl.load(LBIAS + adapter * s_la + rn * s_ln, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     acc += scale * lora
     if HAS_RES:
-        acc += tl.load(RES + seg * s_rb + rt[:, None] * s_rt + rn[None, :] * s_rn, mask=row_ok & col_ok, other=0.0).to(tl.float32)
-    tl.store(OUT + seg * s_ob + rt[:, None] * s_ot + rn[None, :] * s_on, acc.to(OUT.dtype.element_ty), mask=row_ok & col_ok)
+        acc += tl.load(RES + seg * s_rb + rt[:, None] * s_rt + rn[None, :] * s_rn, mask=row_ok & col_ok, other=0.0).to(
+            tl.float32
+        )
+    tl.store(
+        OUT + seg * s_ob + rt[:, None] * s_ot + rn[None, :] * s_on, acc.to(OUT.dtype.element_ty), mask=row_ok & col_ok
+    )
 
 
 def interpreting() -> bool:
@@ -120,7 +130,13 @@ MAX_RANK = 128  # one BLOCK_R tile holds every rank; larger ranks take the PyTor
 # (BLOCK_M, BLOCK_K, warps, stages) / (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual
 # Hopper/Ampere GEMM tiles; the autotuner picks per (problem size, token bucket).
 _SHRINK_CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3)]
-_EXPAND_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 3)]
+_EXPAND_CONFIGS = [
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 32, 4, 4),
+    (64, 64, 32, 4, 3),
+]
 _INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # its cost grows with the tile volume
 
 
@@ -134,9 +150,12 @@ def build(interpret: bool):
     shrink_k, expand_k = triton.jit(_shrink_kernel), triton.jit(_expand_kernel)
     if interpret:
         return shrink_k, expand_k
-    shrink_configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, k, w, st in _SHRINK_CONFIGS]
+    shrink_configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, k, w, st in _SHRINK_CONFIGS
+    ]
     expand_configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, n, k, w, st in _EXPAND_CONFIGS
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in _EXPAND_CONFIGS
     ]
     return (
         triton.autotune(shrink_configs, key=["K", "R", "T_BUCKET"])(shrink_k),
