@@ -328,8 +328,8 @@ def markdown(report: dict) -> str:
     lines += [
         "## One LoRA linear (ms, median (min-max); ratio to the unfused peft formula)",
         "",
-        "| dtype | shape | variant | fwd | fwd / unfused | fwd+bwd | fwd+bwd / unfused | peak MiB fwd+bwd | max err "
-        "vs fp64 |",
+        "| dtype | shape | variant | fwd | fwd / unfused | fwd+bwd | fwd+bwd / unfused | peak MiB fwd+bwd "
+        "| max err vs fp64 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["dtype"], r["shape"], r["variant"]): r for r in report["layer"]}

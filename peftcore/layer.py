@@ -41,8 +41,8 @@ def check_finite(tensor: torch.Tensor, adapter_name: str, what: str = "merged we
     if not torch.isfinite(tensor).all():
         place = f" of {where}" if where else ""
         raise ValueError(
-            f"NaNs or infs in the {what}{place} after merging adapter {adapter_name!r}; the base layer is left "
-            "unchanged"
+            f"NaNs or infs in the {what}{place} after merging adapter {adapter_name!r}; "
+            "the base layer is left unchanged"
         )
 
 

@@ -60,8 +60,7 @@ class LayerTuner(nn.Module):
             if existing.peft_type != config.peft_type:
                 raise ValueError(
                     f"Cannot add a {config.peft_type} adapter {adapter_name!r} next to the {existing.peft_type} "
-                    "adapter "
-                    f"{existing_name!r}: one model holds adapters of one method"
+                    f"adapter {existing_name!r}: one model holds adapters of one method"
                 )
         hooks.prepare_config(config=config, model=self.model)
         self.peft_config[adapter_name] = config

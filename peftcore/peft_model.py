@@ -81,8 +81,7 @@ class PeftModel(nn.Module):
         if any(isinstance(m, AdapterLayer) for m in self.base_model.modules()):
             raise ValueError(
                 f"Cannot add a {config.peft_type} adapter to a model that already has adapter layers (e.g. LoRA): "
-                "one model "
-                "holds adapters of one method; merge_and_unload() or unload() the layer adapters first"
+                "one model holds adapters of one method; merge_and_unload() or unload() the layer adapters first"
             )
         hooks.prepare_config(config=config, model=self.base_model)
         adapter = hooks.create_model_adapter(model=self.base_model, config=config, adapter_name=adapter_name)
@@ -548,8 +547,8 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if isinstance(model, PeftModel) and (not model._uses_layers or method_for_config(peft_config).kind == "model"):
         raise ValueError(
             f"get_peft_model got a PeftModel holding {model.active_peft_config.peft_type} adapters and a "
-            f"{peft_config.peft_type} "
-            "config: one model holds adapters of one method (prompt-learning methods cannot be stacked with others)"
+            f"{peft_config.peft_type} config: one model holds adapters of one method (prompt-learning methods "
+            "cannot be stacked with others)"
         )
     if isinstance(model, PeftModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
         warnings.warn(

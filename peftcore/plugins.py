@@ -98,9 +98,9 @@ def _register_checked(plugin: object, name: str | None) -> None:
     declared = _declared_version(plugin)
     if declared not in SUPPORTED_HOOKSPEC_VERSIONS:
         raise PluginError(
-            f"written for peftcore hookspec version {declared!r}; this peftcore (hookspec version {HOOKSPEC_VERSION}) "
-            f"supports {', '.join(map(str, SUPPORTED_HOOKSPEC_VERSIONS))}: install a matching peftcore or plugin "
-            "release"
+            f"written for peftcore hookspec version {declared!r}; this peftcore (hookspec version "
+            f"{HOOKSPEC_VERSION}) supports {', '.join(map(str, SUPPORTED_HOOKSPEC_VERSIONS))}: install a matching "
+            "peftcore or plugin release"
         )
     _pm.register(plugin, name=name)
     try:

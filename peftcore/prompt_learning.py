@@ -155,8 +155,7 @@ def extend_attention_mask(attention_mask: torch.Tensor | None, num_tokens: int, 
     if attention_mask.dim() != 2:
         raise ValueError(
             f"prompt-learning methods need a 2-D attention_mask (batch, seq_len) to prepend {num_tokens} virtual "
-            "tokens; "
-            f"got shape {tuple(attention_mask.shape)}"
+            f"tokens; got shape {tuple(attention_mask.shape)}"
         )
     prefix = torch.ones(attention_mask.shape[0], num_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
     return torch.cat([prefix, attention_mask], dim=1)
@@ -230,8 +229,7 @@ class PromptLearningAdapter(InputAdapter):
         if tuple(tensor.shape) != expected:
             raise AdapterFileError(
                 f"tensor {PROMPT_EMBEDDINGS_KEY!r} has shape {tuple(tensor.shape)} but {type(self).__name__} expects "
-                f"{expected} "
-                "(different num_virtual_tokens, token_dim, num_layers or base model?)"
+                f"{expected} (different num_virtual_tokens, token_dim, num_layers or base model?)"
             )
         if not self.baked and any(hasattr(self, name) for name in self.head_names):
             warnings.warn(
@@ -313,8 +311,8 @@ def cache_argument(model: nn.Module) -> str:
             if name in params:
                 return name
     raise ValueError(
-        f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`), which prefix "
-        "tuning needs"
+        f"{type(model).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`), "
+        "which prefix tuning needs"
     )
 
 

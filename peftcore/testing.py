@@ -102,61 +102,23 @@ def tiny_generation_model(arch: str, seed: int = 0):
     import transformers as t
 
     torch.manual_seed(seed)
-    if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
-        model = t.LlamaForCausalLM(
-            t.LlamaConfig(
-                vocab_size=64,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                initializer_range=0.2,
-            )
-        )
-    elif arch == "gpt2":
-        model = t.GPT2LMHeadModel(
-            t.GPT2Config(
-                vocab_size=64,
-                n_embd=32,
-                n_layer=2,
-                n_head=4,
-                n_positions=64,
-                bos_token_id=0,
-                eos_token_id=0,
-                initializer_range=0.2,
-            )
-        )
-    elif arch == "bert":
-        model = t.BertForSequenceClassification(
-            t.BertConfig(
-                vocab_size=64,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=64,
-                num_labels=2,
-                initializer_range=0.2,
-            )
-        )
-    elif arch == "t5":
-        model = t.T5ForConditionalGeneration(
-            t.T5Config(
-                vocab_size=64,
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=3,
-                num_heads=4,
-                decoder_start_token_id=0,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
-    else:
-        raise ValueError(arch)
+    sizes = dict(vocab_size=64, initializer_range=0.2)
+    builders = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(  # grouped-query attention: 4 query, 2 key/value heads
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, **sizes)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                                       eos_token_id=0, **sizes)),
+        "bert": lambda: t.BertForSequenceClassification(t.BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, num_labels=2, **sizes)),
+        "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3,
+                                                              num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                              eos_token_id=1)),
+    }
+    if arch not in builders:
+        raise ValueError(f"no tiny generation model for {arch!r}; known: {', '.join(builders)}")
+    model = builders[arch]()
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
         model.generation_config.pad_token_id = 0

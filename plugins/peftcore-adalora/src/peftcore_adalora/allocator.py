@@ -57,8 +57,7 @@ class RankAllocator:
             # PEFT fails at the first masking step (kthvalue with k < 0); here nothing is ever pruned
             warnings.warn(
                 f"AdaLoraConfig: target_r ({peft_config.target_r}) exceeds init_r ({peft_config.init_r}); ranks can "
-                "only "
-                "shrink, so update_and_allocate will prune nothing. Set target_r <= init_r.",
+                "only shrink, so update_and_allocate will prune nothing. Set target_r <= init_r.",
                 stacklevel=2,
             )
         self.reset_ipt()
@@ -202,8 +201,7 @@ def update_and_allocate(adapter_model: nn.Module, global_step: int) -> None:
         if not config.rank_pattern:
             raise RuntimeError(
                 f"update_and_allocate({global_step}): past total_step - tfinal ({boundary}) but no allocation was "
-                "made; "
-                "call it at every step, starting from 0"
+                "made; call it at every step, starting from 0"
             )
         allocator.mask_using_rank_pattern(adapter_model.model, config.rank_pattern)
 

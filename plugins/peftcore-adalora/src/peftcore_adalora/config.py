@@ -182,8 +182,7 @@ class AdaLoraConfig(LayerConfig):
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
                 f"AdaLoraConfig: tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no "
-                "budgeting "
-                "phase (need tinit < total_step - tfinal); decrease tinit/tfinal or increase total_step"
+                "budgeting phase (need tinit < total_step - tfinal); decrease tinit/tfinal or increase total_step"
             )
 
     def _check_rank_pattern(self) -> None:

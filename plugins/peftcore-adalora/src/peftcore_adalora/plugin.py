@@ -84,8 +84,7 @@ def adapter_injected(model, config, adapter_name):
         model.delete_adapter(adapter_name)  # leave the model as it was before this adapter
         raise ValueError(
             f"AdaLoRA supports one trainable adapter per model, and {trainable[0]!r} already trains; add "
-            f"{adapter_name!r} "
-            "with inference_mode=True (or load it with is_trainable=False)"
+            f"{adapter_name!r} with inference_mode=True (or load it with is_trainable=False)"
         )
     model.update_and_allocate = partial(allocator.update_and_allocate, model)
     model.resize_modules_by_rank_pattern = partial(allocator.resize_modules_by_rank_pattern, model)

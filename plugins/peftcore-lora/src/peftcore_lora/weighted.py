@@ -26,8 +26,8 @@ def combine(
     elif combination_type == "linear":
         if len(set(ranks)) != 1:
             raise ValueError(
-                f"combination_type 'linear' needs adapters of equal rank, got {dict(zip(adapters, ranks))}; use "
-                "'cat' or 'svd'"
+                f"combination_type 'linear' needs adapters of equal rank, got {dict(zip(adapters, ranks))}; "
+                "use 'cat' or 'svd'"
             )
         new_rank = ranks[0]
     else:

@@ -37,8 +37,7 @@ class PrefixTuningConfig(PromptLearningConfig):
         if config.get("global_head_dim") is not None or config.get("per_layer_config") is not None:
             raise ValueError(
                 "PrefixTuningConfig: models whose layers have different key/value shapes (global_head_dim / "
-                "per_layer_config) "
-                "are not supported by peftcore-prefix-tuning"
+                "per_layer_config) are not supported by peftcore-prefix-tuning"
             )
         num_kv_heads = config.get("num_key_value_heads")
         if num_kv_heads is None:
