@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from peftcore import serialization
+from peftcore import lm_loss, serialization
+from peftcore.chunked_loss import ChunkedLossSettings, NotExact, run_chunked, static_reason, warn_fallback
 from peftcore.config import PeftConfig, TaskType, read_config, write_config
 from peftcore.files import write_text_atomic
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
@@ -317,11 +318,20 @@ class PeftModel(nn.Module):
         return (), adapter.prepare_generate(model, kwargs) if generating else adapter.prepare_forward(model, kwargs)
 
     def forward(self, *args, **kwargs):
+        return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple, kwargs: dict[str, Any], run=None):
+        """Prepare the inputs (prompt methods), route mixed batches, call the model.
+
+        ``run(call, kwargs, mixed_batch)``, when given, makes the call itself (the chunked LM loss).
+        """
         adapter_names = kwargs.pop("adapter_names", None)
         args, kwargs = self._prepare_model_kwargs(kwargs, args=args)
         with self._mixed_batch(adapter_names):
             # through the LayerTuner (not straight to the wrapped model), so process_model_output runs
-            return self.base_model(*args, **kwargs)
+            if run is None:
+                return self.base_model(*args, **kwargs)
+            return run(lambda call_kwargs: self.base_model(*args, **call_kwargs), kwargs, adapter_names is not None)
 
     def generate(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
@@ -468,9 +478,27 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 
 class PeftModelForCausalLM(PeftModel):
+    """A causal LM with adapters; called with ``labels`` in training mode it computes the loss chunk by chunk.
+
+    The chunked loss (:mod:`peftcore.chunked_loss`) equals the model's own loss and
+    gradients without ever holding the full logits. ``skip_logits`` says what the
+    caller wants: None (default) skips the logits when training with labels, True
+    always with labels, False never (the model's own path, logits returned). When
+    the chunked path ran, ``output.logits`` is None. ``set_chunked_loss(False)``
+    turns it off for this model, ``PEFTCORE_CHUNKED_LOSS=0`` for every model.
+    """
+
+    chunked_loss = ChunkedLossSettings()  # replaced per model by set_chunked_loss
+
+    def set_chunked_loss(self, enabled: bool = True, chunk_tokens: int | None = None) -> None:
+        """Use the chunked loss where it is exact (``enabled``), ``chunk_tokens`` tokens at a time (None: automatic)."""
+        lm_loss.chunk_rows(1, chunk_tokens)  # checks the value
+        self.chunked_loss = ChunkedLossSettings(enabled=bool(enabled), chunk_tokens=chunk_tokens)
+        self._chunked_loss_fallback = None
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(
+                output_hidden_states=None, return_dict=None, task_ids=None, skip_logits=None, **kwargs):
+        kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
@@ -480,6 +508,35 @@ class PeftModelForCausalLM(PeftModel):
             ),
             **kwargs,
         )
+        if not self._wants_chunked_loss(kwargs, skip_logits):
+            return self._forward((), kwargs)
+        try:
+            return self._forward((), dict(kwargs), run=self._run_chunked)
+        except NotExact as exc:
+            self._chunked_loss_fallback = str(exc)
+            warn_fallback(type(self.get_base_model()).__name__, str(exc))
+            return self._forward((), kwargs)
+
+    def _wants_chunked_loss(self, kwargs: dict[str, Any], skip_logits: bool | None) -> bool:
+        has_labels = kwargs.get("labels") is not None  # transformers computes no loss without them
+        if skip_logits is True and not has_labels:
+            raise ValueError("skip_logits=True needs labels: without them there is no loss")
+        if not has_labels or skip_logits is False or (skip_logits is None and not self.training):
+            return False
+        if not self.chunked_loss.enabled or getattr(self, "_chunked_loss_fallback", None) is not None:
+            return False
+        base = self.get_base_model()
+        reason = static_reason(base, kwargs, mixed_batch=kwargs.get("adapter_names") is not None)
+        if reason is not None:
+            warned = self.__dict__.setdefault("_chunked_loss_warned", set())
+            if reason not in warned:
+                warned.add(reason)
+                warn_fallback(type(base).__name__, reason)
+            return False
+        return True
+
+    def _run_chunked(self, call, kwargs, mixed_batch: bool):
+        return run_chunked(call, self.get_base_model(), kwargs, self.chunked_loss, mixed_batch)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
