@@ -24,7 +24,7 @@ from peftcore.modules_to_save import (
     wrap_modules_to_save,
 )
 from peftcore.plugins import hooks, method_for_config
-from peftcore.preparation import checkpointing_on, require_input_grads
+from peftcore.preparation import checkpointing_on, offload_checkpointed_inputs, require_input_grads
 from peftcore.walking import walk_modules
 
 
@@ -244,27 +244,37 @@ class PeftModel(nn.Module):
 
     # -- training ------------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, offload: bool = False, **kwargs
+    ) -> None:
         """Checkpoint the base model's blocks and let gradients reach the adapters inside them.
 
-        On a frozen base a checkpointed block's inputs carry no grad, so the adapters in
-        it would get none ("element 0 of tensors does not require grad" with reentrant
-        checkpointing): the input embeddings are made to require grad, as PEFT does.
-        ``Trainer(args.gradient_checkpointing=True)`` calls this (or the alias below).
+        Non-reentrant checkpointing unless ``gradient_checkpointing_kwargs`` says otherwise.
+        On a frozen base a checkpointed block's inputs carry no grad, so with reentrant
+        checkpointing the adapters in it would get none ("element 0 of tensors does not
+        require grad"): the input embeddings are made to require grad, as PEFT does.
+        ``offload=True`` keeps the inputs each checkpointed block holds for its recompute
+        in pinned host memory until backward (for models on an accelerator; on the CPU it
+        does nothing, and says so). ``Trainer(args.gradient_checkpointing=True)`` calls this.
         """
         base = self.get_base_model()
+        checkpoint_kwargs = (
+            {"use_reentrant": False} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+        )
         if hasattr(base, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns
-            base.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
-            )
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
         elif hasattr(base, "gradient_checkpointing_enable"):
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
         else:
             raise ValueError(f"{type(base).__name__} has no gradient_checkpointing_enable (not a transformers model?)")
+        if offload:
+            offload_checkpointed_inputs(base, checkpoint_kwargs)
         require_input_grads(base)
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, offload: bool = False, **kwargs
+    ) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, offload=offload, **kwargs)
 
     # -- running -------------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -53,3 +56,69 @@ def require_input_grads(model: nn.Module) -> None:
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
     enable_input_grads(model)
+
+
+# -- activation checkpointing: the layer inputs it keeps, off the accelerator --------------------------------
+
+
+class HostOffload:
+    """Saved-tensor hooks that keep saved tensors in (pinned) host memory until backward needs them.
+
+    Around a checkpointed layer, the only tensors saved are what the checkpoint keeps
+    to recompute the layer: its inputs (the hidden states, ``seq x hidden`` per layer).
+    Host tensors stay where they are; ``moves`` (for tests) says which tensors move.
+    """
+
+    def __init__(self, pin_memory: bool = True, moves=None):
+        self.pin_memory = pin_memory
+        self.moves = moves if moves is not None else (lambda t: t.device.type != "cpu")
+        self.packed = 0  # how many tensors went to the host (for tests and diagnostics)
+
+    def pack(self, tensor: torch.Tensor):
+        if not self.moves(tensor) or tensor.layout != torch.strided:
+            return tensor
+        host = torch.empty(tensor.size(), dtype=tensor.dtype, pin_memory=self.pin_memory)
+        host.copy_(tensor, non_blocking=self.pin_memory)  # ordered on the stream before the block is reused
+        self.packed += 1
+        return tensor.device, host
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=self.pin_memory)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def offloaded_checkpoint(function, *args, offload: HostOffload, **checkpoint_kwargs):
+    """``torch.utils.checkpoint.checkpoint`` with the layer inputs it keeps held by ``offload``."""
+    from torch.utils.checkpoint import checkpoint
+
+    with offload.hooks():
+        return checkpoint(function, *args, **checkpoint_kwargs)
+
+
+def offload_checkpointed_inputs(model: nn.Module, checkpoint_kwargs: dict, offload: HostOffload | None = None) -> int:
+    """Make every checkpointed layer of ``model`` keep its inputs in host memory; returns how many layers.
+
+    A no-op, with a warning saying so, for a model on the CPU (its inputs are in host
+    memory already) unless ``offload`` says otherwise (tests).
+    """
+    if offload is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type == "cpu":
+            warnings.warn(
+                "offload=True does nothing for a model on the CPU: the inputs kept by gradient checkpointing are "
+                "in host memory already",
+                stacklevel=3,
+            )
+            return 0
+        offload = HostOffload(pin_memory=True)
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no checkpointed layers to offload; enable checkpointing first")
+    for layer in layers:
+        layer._gradient_checkpointing_func = partial(offloaded_checkpoint, offload=offload, **checkpoint_kwargs)
+    return len(layers)
