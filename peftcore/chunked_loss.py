@@ -206,11 +206,14 @@ def run_chunked(
     kwargs: dict[str, Any],
     settings: ChunkedLossSettings,
     mixed_batch: bool,
+    per_token: bool = False,
 ):
     """``call(kwargs)`` runs the forward; here without the labels, with the loss computed chunk by chunk.
 
-    Raises :class:`NotExact` when the output shows the model does something the
-    chunked path does not (the caller then runs the model's own path).
+    ``per_token``: ``output.loss`` is :func:`peftcore.lm_loss.token_nll` ``(batch, seq)``
+    instead of the reduced loss (evaluation, no gradient). Raises :class:`NotExact`
+    when the output shows the model does something the chunked path does not (the
+    caller then runs the model's own path).
     """
     kwargs = dict(kwargs)
     labels = kwargs.pop("labels", None)
@@ -230,10 +233,13 @@ def run_chunked(
         if getattr(output, "aux_loss", None) is not None:
             raise NotExact("the model returns an auxiliary loss that its own loss would include")
         _check_last_logits(output, capture.hidden, linear, transform)
-        loss = lm_loss.causal_lm_loss(
-            capture.hidden, linear.weight, linear.bias, labels, transform=transform,
-            chunk_tokens=settings.chunk_tokens, **loss_kwargs,
-        )
+        if per_token:
+            loss = lm_loss.token_nll(capture.hidden, linear.weight, linear.bias, labels, transform=transform,
+                                     chunk_tokens=settings.chunk_tokens,
+                                     ignore_index=loss_kwargs.get("ignore_index", lm_loss.IGNORE_INDEX))
+        else:
+            loss = lm_loss.causal_lm_loss(capture.hidden, linear.weight, linear.bias, labels, transform=transform,
+                                          chunk_tokens=settings.chunk_tokens, **loss_kwargs)
         capture.hidden = None
         return _replace_output(output, loss)
 
@@ -254,3 +260,13 @@ def warn_fallback(model_name: str, reason: str) -> None:
         "logits",
         stacklevel=4,
     )
+
+
+def token_nll_from_logits(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = lm_loss.IGNORE_INDEX):
+    """:func:`peftcore.lm_loss.token_nll` from full logits (the fallback); labels are padded in front to match
+    positions a prompt method added."""
+    if logits.shape[1] > labels.shape[1]:
+        labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=ignore_index)
+    targets = lm_loss.shifted_targets(labels, None, ignore_index)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return nll.masked_fill(targets == ignore_index, 0.0)

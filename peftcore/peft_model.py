@@ -9,10 +9,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftcore import lm_loss, serialization
-from peftcore.chunked_loss import ChunkedLossSettings, NotExact, run_chunked, static_reason, warn_fallback
+from peftcore.chunked_loss import (
+    ChunkedLossSettings,
+    NotExact,
+    run_chunked,
+    static_reason,
+    token_nll_from_logits,
+    warn_fallback,
+)
 from peftcore.config import PeftConfig, TaskType, read_config, write_config
 from peftcore.files import write_text_atomic
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
@@ -545,8 +553,26 @@ class PeftModelForCausalLM(PeftModel):
             return False
         return True
 
-    def _run_chunked(self, call, kwargs, mixed_batch: bool):
-        return run_chunked(call, self.get_base_model(), kwargs, self.chunked_loss, mixed_batch)
+    def _run_chunked(self, call, kwargs, mixed_batch: bool, per_token: bool = False):
+        return run_chunked(call, self.get_base_model(), kwargs, self.chunked_loss, mixed_batch, per_token)
+
+    @torch.no_grad()
+    def token_nll(self, labels, **kwargs) -> torch.Tensor:
+        """Negative log-likelihood of each label given the tokens before it, ``(batch, seq)``, 0 where ignored.
+
+        Computed from the final hidden states chunk by chunk, like the training loss
+        (the full logits when the chunked path cannot be exact). Prompt methods add
+        positions for their virtual tokens in front (ignored: 0).
+        """
+        kwargs = {**kwargs, "labels": labels}
+        if self._wants_chunked_loss(kwargs, skip_logits=True):
+            try:
+                return self._forward((), dict(kwargs), run=partial(self._run_chunked, per_token=True)).loss
+            except NotExact as exc:
+                self._chunked_loss_fallback = str(exc)
+                warn_fallback(type(self.get_base_model()).__name__, str(exc))
+        kwargs.pop("labels")
+        return token_nll_from_logits(self._forward((), kwargs).logits, labels)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)

@@ -284,3 +284,38 @@ def test_trainer_with_gradient_accumulation_trains_the_same_adapter(tmp_path, mo
     assert len(chunked_calls) == 4  # 2 steps x 2 micro-batches, all in the first run
     for name, value in trained[0].items():
         torch.testing.assert_close(value, trained[1][name], atol=1e-5, rtol=0, msg=name)
+
+
+def _nll_from_full_logits(model, inputs):
+    """Per-position NLL from the model's full logits, written out here (the reference for token_nll)."""
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    labels = inputs["labels"]
+    labels = torch.cat([torch.full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100), labels], dim=1)
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return nll.masked_fill(targets == -100, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt", "lora-on-head"])
+def test_token_nll_per_position_without_full_logits(kind):
+    from peftcore import PromptTuningConfig
+
+    if kind == "prompt":
+        model = get_peft_model(build("gemma2"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        perturb(model, scale=0.1)
+    else:
+        model = lora(build("gemma2"), target_modules=["q_proj", "lm_head"] if kind == "lora-on-head" else "all-linear")
+    model.eval()
+    inputs = batch()
+    with torch.no_grad():
+        want = _nll_from_full_logits(model, inputs)
+    if kind == "lora-on-head":
+        with pytest.warns(UserWarning, match="the head carries a LORA adapter"):
+            got = model.token_nll(**inputs)
+    else:
+        positions = head_positions(model)
+        got = model.token_nll(**inputs)
+        assert positions == [1]
+    assert got.shape == want.shape == (2, 12 + (3 if kind == "prompt" else 0))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from peftcore import LoraConfig, Method, PeftModel, hookimpl, register_plugin, unregister_plugin
+from peftcore import LoraConfig, Method, PeftModel, get_peft_model, hookimpl, register_plugin, unregister_plugin
 from peftcore.cli import config_options, main
 
 LM_WORDS = ("say yes if the review is good : great awful fine terrible lovely boring film plot acting music was very "
@@ -344,6 +344,17 @@ def test_apply_causal_lm_on_instruction_jsonl_lowers_held_out_loss(llama, tmp_pa
     assert config["task_type"] == "CAUSAL_LM" and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
+def test_apply_max_length_is_checked_against_the_model(llama, tmp_path):
+    data = _review_jsonl(tmp_path / "reviews.jsonl")
+    assert_user_error(run("apply", "lora", "--model", llama, "--dataset", data, "--max-length", "129"),
+                      "--max-length 129 is more than the model's 128 positions", "hint: use --max-length 128")
+
+
+def test_apply_offload_needs_checkpointing(llama):
+    assert_user_error(run("apply", "lora", "--model", llama, "--offload-activations"),
+                      "--offload-activations needs --gradient-checkpointing")
+
+
 def test_apply_unknown_method():
     assert_user_error(
         run("apply", "nosuchmethod"), "Unknown PEFT method 'nosuchmethod'", "hint: installed methods:", "lora"
@@ -595,14 +606,16 @@ def test_completion_nll_agrees_with_the_models_own_loss(llama):
     from peftcore.cli import training_loop as train
 
     tokenizer = _word_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(llama).eval()
+    config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama), config).eval()  # what apply evaluates
     pairs = data.PromptCompletions(["say yes if the review is good : the film was very great", "the plot"],
                                    [" yes", " was very boring"], "t", "t")
     examples = train.prompt_completion_examples(tokenizer, pairs, max_length=64)
     nll = train.completion_nll(model, examples, batch_size=2, pad_token_id=tokenizer.pad_token_id)
     for i, example in enumerate(examples):
-        with torch.no_grad():  # transformers' loss: mean over the shifted non-ignored labels of one example
-            loss = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])).loss
+        with torch.no_grad():  # transformers' loss on the full logits: mean over the shifted non-ignored labels
+            loss = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]]),
+                         skip_logits=False).loss
         n_tokens = sum(1 for t in example["labels"][1:] if t != train.IGNORE_INDEX)
         torch.testing.assert_close(nll[i] / n_tokens, loss, atol=1e-5, rtol=1e-5)
 

@@ -63,7 +63,12 @@ COMMON_OPTIONS = [
     ),
     click.Option(["--batch-size"], type=click.IntRange(min=1), default=None, help="[default: 16 (8 for causal LMs)]"),
     click.Option(
-        ["--max-length"], type=click.IntRange(min=8), default=128, show_default=True, help="tokens per example"
+        ["--max-length"],
+        type=click.IntRange(min=8),
+        default=128,
+        show_default=True,
+        help="tokens per example, up to the model's maximum (8,192 for smollm2; causal LMs compute their loss in "
+        "chunks, so 4,096 trains in a few GB)",
     ),
     click.Option(["--seed"], type=int, default=0, show_default=True, help="data split, shuffling, head init, dropout"),
     click.Option(
@@ -77,6 +82,12 @@ COMMON_OPTIONS = [
         is_flag=True,
         default=False,
         help="recompute activations in the backward pass (less memory, slower)",
+    ),
+    click.Option(
+        ["--offload-activations"],
+        is_flag=True,
+        default=False,
+        help="with --gradient-checkpointing on a GPU: keep the checkpointed layer inputs in host memory",
     ),
     click.Option(["--json", "as_json"], is_flag=True, default=False, help="print the results as JSON on stdout"),
 ]

@@ -50,6 +50,7 @@ class ApplyRequest:
     seed: int = 0
     device: str | None = None
     gradient_checkpointing: bool = False
+    offload_activations: bool = False
     as_json: bool = False
 
 
@@ -76,6 +77,9 @@ def run_apply(request: ApplyRequest) -> None:
                        "use the Python API (get_peft_model) for other task types")
     request.config_kwargs["task_type"] = task_type
     request.device = _check_device(request.device)
+    if request.offload_activations and not request.gradient_checkpointing:
+        raise CliError("--offload-activations needs --gradient-checkpointing (it moves what checkpointing keeps)",
+                       "add --gradient-checkpointing")
     config = _make_config(request)  # bad options fail here, before any model or data is loaded
     dataset_spec = request.dataset or DEFAULT_DATASETS.get(model_spec)
     for key, value in TRAINING_DEFAULTS[task_type].items():
@@ -146,9 +150,13 @@ def _attach(request: ApplyRequest, config, base, results: Results, run_steps: in
     run_length = run_length_field(type(config))
     if run_steps and run_length is not None and request.config_kwargs.get(run_length) is None:
         config = _make_config(request, run_steps)
+    limit = models.max_positions(base)
+    if limit is not None and request.max_length > limit:
+        raise CliError(f"--max-length {request.max_length} is more than the model's {limit} positions",
+                       f"use --max-length {limit} or less")
     peft_model = get_peft_model(base, config).to(request.device)
     if request.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable()
+        peft_model.gradient_checkpointing_enable(offload=request.offload_activations)
     trainable, total = peft_model.get_nb_trainable_parameters()
     targets = config.target_modules if hasattr(config, "target_modules") else None
     results.facts.update(trainable_params=trainable, total_params=total,
@@ -257,15 +265,17 @@ def _causal_lm(request, config, model_path, dataset_spec, settings, out, results
             "expected": probe_set.completions[0],
         }
     probe = train.prompt_completion_examples(tokenizer, probe_set, settings.max_length)[:16]
-    logits = lambda m: _lm_logits(m, probe, train.pad_id(tokenizer))  # noqa: E731
-    _save_and_check(peft_model, out, load_base, logits, logits(peft_model), results)
+    nll = lambda m: _every_token_nll(m, probe, train.pad_id(tokenizer))  # noqa: E731
+    _save_and_check(peft_model, out, load_base, nll, nll(peft_model), results)
 
 
 @torch.no_grad()
-def _lm_logits(model, examples, pad_id) -> torch.Tensor:
+def _every_token_nll(model, examples, pad_id) -> torch.Tensor:
+    """The loss at every real position: what the reloaded adapter must reproduce (without full logits)."""
     model.eval()
     batch = train.to_device(train.pad_batch(examples, pad_id), model)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().cpu()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, train.IGNORE_INDEX)
+    return model.token_nll(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).cpu()
 
 
 # -- saving and the reload check ----------------------------------------------------------------------

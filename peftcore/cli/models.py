@@ -93,3 +93,13 @@ def quiet_transformers():
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+def max_positions(model) -> int | None:
+    """How many token positions the model can embed (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -187,17 +187,16 @@ def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
 
 @torch.no_grad()
 def completion_nll(model: nn.Module, examples: list[dict], batch_size: int, pad_token_id: int) -> torch.Tensor:
-    """Per-example summed negative log-likelihood of the completion tokens (labels != IGNORE_INDEX)."""
+    """Per-example summed negative log-likelihood of the completion tokens (labels != IGNORE_INDEX).
+
+    ``model.token_nll`` computes it chunk by chunk from the final hidden states: no
+    (batch, seq, vocabulary) logits, so long sequences evaluate in the memory they train in.
+    """
     model.eval()
     order = _by_length(examples)
     out = []
     for batch in batches(examples, batch_size, pad_token_id, order):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        # prompt-learning methods prepend virtual tokens to the output: keep the real positions
-        logits = model(**to_device(inputs, model)).logits.float().cpu()[:, -batch["input_ids"].shape[1]:-1]
-        targets = batch["labels"][:, 1:]
-        token_nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-        out.append((token_nll * (targets != IGNORE_INDEX)).sum(-1))
+        out.append(model.token_nll(**to_device(batch, model)).float().cpu().sum(-1))
     return _unsort(torch.cat(out), order)
 
 
