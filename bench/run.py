@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import common  # noqa: E402
+import long_seq  # noqa: E402
 
 LIBS = ("base", "peft", "peftcore")
 
@@ -136,6 +137,10 @@ def run(args) -> dict:
                 for clock in ("wall", "cpu"):
                     merged[f"{op} {clock}"] = _stats([t for run in runs for t in run[op][clock]])
             sections["ops"][lib] = merged
+    if "long" in args.only:
+        log("long sequences: one step at batch 1 x N tokens, with and without gradient checkpointing")
+        tokens = (256,) if args.quick else tuple(args.long_tokens)
+        sections["long"] = long_seq.measure(_worker, rounds, 1 if args.quick else args.long_reps, tokens, log)
     report["load_after"] = os.getloadavg()
     report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     report["environment"] = environment()
@@ -323,6 +328,8 @@ def markdown(report: dict) -> str:
                     f"the 2nd (wall), {o['add_16th cpu']['median'] / o['add_2nd cpu']['median']:.2f}x (CPU)."
                 )
         lines.append("")
+    if "long" in sec:
+        lines += long_seq.markdown(sec["long"])
     lines += targets(report)
     lines += NOTES.splitlines()
     return "\n".join(lines) + "\n"
@@ -376,8 +383,14 @@ def _load(load) -> str:
     return "/".join(f"{v:.1f}" for v in load)
 
 
+def _target_table(title: str, rows: list[str]) -> list[str]:
+    if not rows:
+        return []
+    return [f"## Targets ({title})", "", "| target | measured | limit | |", "|---|---|---|---|", *rows, ""]
+
+
 def targets(report: dict) -> list[str]:
-    """Issue 6's targets, each from figures measured in the same run."""
+    """Issue 6's and issue 14's targets, each from figures measured in the same run."""
     sec = report["sections"]
     rows = []
 
@@ -415,9 +428,13 @@ def targets(report: dict) -> list[str]:
         add("attach / peft's", c["attach wall"]["median"] / p["attach wall"]["median"], 0.5)
         add("load a saved adapter / peft's", c["load wall"]["median"] / p["load wall"]["median"], 0.5)
         add("16th adapter / 2nd adapter (add_adapter)", c["add_16th wall"]["median"] / c["add_2nd wall"]["median"], 1.0)
-    if not rows:
-        return []
-    return ["## Targets (issue 6)", "", "| target | measured | limit | |", "|---|---|---|---|", *rows, ""]
+    out = _target_table("issue 6", rows)
+    if "long" in sec:
+        rows.clear()  # add() appends here
+        for name, value, limit in long_seq.targets(sec["long"]):
+            add(name, value, limit)
+        out += _target_table("issue 14", rows)
+    return out
 
 
 def _load_json(path: str) -> dict:
@@ -460,7 +477,11 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--ops-reps", type=int, default=3)
     parser.add_argument("--only", nargs="+", default=["train", "train_mem", "infer", "mixed", "ops"],
-                        choices=["train", "train_mem", "infer", "mixed", "ops"])
+                        choices=["train", "train_mem", "infer", "mixed", "ops", "long"],
+                        help="sections to measure; long (hours on 2 cores) only when named")
+    parser.add_argument("--long-tokens", nargs="+", type=int, default=list(long_seq.TOKENS),
+                        help="sequence lengths of the long section")
+    parser.add_argument("--long-reps", type=int, default=2, help="timed steps per process in the long section")
     parser.add_argument("--with-plain", action="store_true", help="also run peftcore with its fast paths off")
     parser.add_argument("--markdown", help="write the report here (e.g. docs/benchmarks.md)")
     parser.add_argument("--json", help="write the raw figures here")

@@ -119,6 +119,70 @@ def train_mem(args) -> dict:
     return {"times": [], "values": {"peak_above_loaded_mib": common.peak_rss_mib() - before, "loaded_mib": before}}
 
 
+def long(args) -> dict:
+    """Batch 1 x ``args.tokens``: peak RSS above the loaded model over every step, times of all but the first.
+
+    The first step is the warm-up (the optimizer allocates its state there); the
+    peak covers it and the ``args.reps`` timed steps after it, so at least two steps.
+    """
+    lib = _lib(args.lib)
+    peft_model = _wrap(common.load_model(), lib)
+    common.randomize_lora_B(peft_model)
+    if args.checkpointing:  # the same call and settings for both libraries
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    optimizer = _optimizer([p for p in peft_model.parameters() if p.requires_grad])
+    ids = common.batch(1, args.tokens)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    gc.collect()
+    common.reset_peak_rss()
+    before = common.rss_mib()
+    step()
+    walls, cpus = [], []
+    for _ in range(args.reps):
+        wall, cpu = common.timed_both(step)
+        walls.append(wall)
+        cpus.append(cpu)
+    values = {"peak_above_loaded_mib": common.peak_rss_mib() - before, "loaded_mib": before, "cpu_times": cpus}
+    return {"times": walls, "values": values}
+
+
+def apply_cli(args) -> dict:
+    """``peftcore apply lora`` on SmolLM2 with examples of ``args.tokens`` tokens: the process's peak RSS.
+
+    The texts are movie-review snippets joined into documents longer than
+    ``args.tokens`` tokens, so every training and held-out example is cut to exactly that.
+    """
+    from peftcore.cli import datasets, main
+    from peftcore.cli.models import load_tokenizer
+
+    snippets = datasets.load_dataset("movie-sentiment").texts
+    per_document = 2 * args.tokens // 10  # snippets average ~25 tokens: twice the length needed
+    documents = [" ".join(snippets[i * per_document:(i + 1) * per_document]) for i in range(3)]
+    tokenizer = load_tokenizer(common.model_dir())
+    shortest = min(len(tokenizer(d)["input_ids"]) for d in documents)
+    if shortest <= args.tokens:
+        raise RuntimeError(f"the generated documents have {shortest} tokens, fewer than {args.tokens}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "long.jsonl")
+        with open(data, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"text": d}) + "\n" for d in documents)
+        command = ["apply", "lora", "--model", "smollm2", "--dataset", data, "--max-length", str(args.tokens),
+                   "--batch-size", "1", "--n-train", "2", "--n-test", "1", "--epochs", "1", "--r", str(common.RANK),
+                   "--alpha", str(common.ALPHA), "--dropout", "0", "--target", "all-linear", "--out",
+                   os.path.join(tmp, "adapter")]
+        if args.checkpointing:
+            command.append("--gradient-checkpointing")
+        wall = common.timed(lambda: main(command, standalone_mode=False))
+    values = {"peak_total_mib": common.peak_rss_mib(), "command": "peftcore " + " ".join(command[:-1]) + " DIR"}
+    return {"times": [wall], "values": values}
+
+
 # -- inference ----------------------------------------------------------------------
 
 
@@ -225,7 +289,10 @@ def ops(args) -> dict:
     return {"times": [], "values": results}
 
 
-WORKLOADS = {"train": train, "train_mem": train_mem, "infer": infer, "mixed": mixed, "ops": ops}
+WORKLOADS = {
+    "train": train, "train_mem": train_mem, "long": long, "apply_cli": apply_cli, "infer": infer, "mixed": mixed,
+    "ops": ops,
+}
 
 
 def main(argv=None) -> None:
@@ -237,6 +304,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--merged", action="store_true")
     parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     common.setup_torch()

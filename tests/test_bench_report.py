@@ -93,3 +93,60 @@ def test_gpu_script_smoke_mode_runs_on_cpu(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "gpu_bench.md").read_text().count("|") > 10
+
+
+def _long_run(peak: float, wall: list[float], cpu: list[float], loaded: float = 500.0) -> dict:
+    return {"times": wall, "values": {"peak_above_loaded_mib": peak, "loaded_mib": loaded, "cpu_times": cpu}}
+
+
+def _long_section(long_seq, peftcore_peak_2048: float = 300.0) -> dict:
+    raw = {}
+    for checkpointing in (False, True):
+        for n in (1024, 2048):
+            scale = n / 1024 * (0.5 if checkpointing else 1.0)
+            raw[long_seq.label("peft", checkpointing, n)] = [_long_run(1000 * scale, [10.0, 12.0], [20.0, 20.0]),
+                                                             _long_run(1000 * scale, [14.0], [22.0])]
+            mine = peftcore_peak_2048 if n == 2048 else 200.0
+            raw[long_seq.label("peftcore", checkpointing, n)] = [_long_run(mine, [9.0, 9.0], [18.0, 18.0]),
+                                                                 _long_run(mine, [15.0], [21.0])]
+    return {"raw": raw, "skipped": {"peft plain 4096": "needs ~9.9 GiB, 3.0 GiB available"}, "cli": None,
+            "tokens": [1024, 2048, 4096], "rounds": 2, "reps": 2}
+
+
+def test_long_section_ratios_targets_and_skipped_points(run):
+    long_seq = run.long_seq
+    section = _long_section(long_seq)
+    # peak: 300 / 2000 without checkpointing, 300 / 1000 with; wall medians 9 / 12 over all steps of both rounds
+    assert long_seq.ratio(section, False, 2048, "peak") == pytest.approx(0.15)
+    assert long_seq.ratio(section, True, 2048, "peak") == pytest.approx(0.3)
+    assert long_seq.ratio(section, False, 2048, "wall") == pytest.approx(9.0 / 12.0)
+    # per round: round 1 medians 9 / 11, round 2 15 / 14
+    assert long_seq.round_ratios(section, False, 2048, "wall") == pytest.approx([9 / 11, 15 / 14])
+    rows = {name: (value, limit) for name, value, limit in long_seq.targets(section)}
+    assert rows["peak memory at 2048 tokens / peft's, with checkpointing"] == (pytest.approx(0.3), 0.33)
+    text = "\n".join(run.targets({"sections": {"long": section}}))
+    assert "## Targets (issue 14)" in text and "missed" not in text
+    over = _long_section(long_seq, peftcore_peak_2048=700.0)
+    assert "| peak memory at 2048 tokens / peft's, with checkpointing | 0.700x | <= 0.33x | missed |" in "\n".join(
+        run.targets({"sections": {"long": over}})
+    )
+    page = "\n".join(long_seq.markdown(section))
+    assert "| 4096 | skipped | skipped |" in page and "peft plain 4096: skipped" in page
+    assert "Growth per 1,000 tokens without checkpointing (least squares): peft 977 MiB, peftcore 98 MiB" in page
+
+
+def test_long_section_skips_what_would_not_fit(run, monkeypatch):
+    long_seq = run.long_seq
+    calls = []
+
+    def worker(workload, lib, *args, memory, timeout):
+        calls.append((workload, lib, args))
+        tokens = int(args[args.index("--tokens") + 1])
+        return _long_run(tokens * (1.0 if lib == "peft" else 0.5), [1.0], [1.0], loaded=600.0)
+
+    monkeypatch.setattr(long_seq, "available_mib", lambda: 2048 + 5000.0)
+    section = long_seq.measure(worker, rounds=1, reps=1, tokens=(1024, 2048, 4096), log=lambda msg: None)
+    # peft at 4096 would need 600 + 2048 * 2 * 1.15 MiB > 5000 MiB: skipped; everything else ran
+    assert set(section["skipped"]) == {"peft plain 4096", "peft checkpointed 4096"}
+    assert ("long", "peftcore", ("--tokens", "4096", "--reps", "1")) in calls
+    assert calls[-1][0] == "apply_cli" and section["cli"]["values"]["tokens"] == 4096
