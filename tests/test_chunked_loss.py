@@ -23,18 +23,20 @@ DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_at
 
 
 def build(arch: str, **extra):
+    """A tiny model of ``arch``; ``extra`` overrides config fields."""
     torch.manual_seed(0)
+    sizes = {**DECODER, **{k: extra.pop(k) for k in list(extra) if k in DECODER}}
     builders = {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**DECODER, **extra)),
-        "llama-tied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**DECODER, tie_word_embeddings=True, **extra)),
-        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**DECODER, **extra)),
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**sizes, **extra)),
+        "llama-tied": lambda: t.LlamaForCausalLM(t.LlamaConfig(**sizes, tie_word_embeddings=True, **extra)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**sizes, **extra)),
         # GPT-2 keeps its dropout (0.1): the runs compared draw the same masks
         "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                        vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, **extra)),
-        "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**DECODER, head_dim=8, final_logit_softcapping=2.0,
+        "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**sizes, head_dim=8, final_logit_softcapping=2.0,
                                                              **extra)),
-        "cohere": lambda: t.CohereForCausalLM(t.CohereConfig(**DECODER, logit_scale=0.25, **extra)),
-        "granite": lambda: t.GraniteForCausalLM(t.GraniteConfig(**DECODER, logits_scaling=3.0, **extra)),
+        "cohere": lambda: t.CohereForCausalLM(t.CohereConfig(**sizes, logit_scale=0.25, **extra)),
+        "granite": lambda: t.GraniteForCausalLM(t.GraniteConfig(**sizes, logits_scaling=3.0, **extra)),
     }
     return builders[arch]()
 
@@ -319,3 +321,14 @@ def test_token_nll_per_position_without_full_logits(kind):
         assert positions == [1]
     assert got.shape == want.shape == (2, 12 + (3 if kind == "prompt" else 0))
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_a_4bit_quantized_base_trains_with_the_chunked_loss(tmp_path):
+    """Only the head (which transformers keeps unquantised) and the hidden states matter to the chunked loss."""
+    pytest.importorskip("bitsandbytes")
+    build("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "llama")
+    quantized = t.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", quantization_config=t.BitsAndBytesConfig(load_in_4bit=True), device_map="cpu"
+    )
+    assert type(quantized.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert_same_step(lora(quantized).train(), batch())
