@@ -137,8 +137,8 @@ def markdown(section: dict) -> list[str]:
         "One LoRA training step (forward + backward + AdamW) at batch 1 x N tokens, causal LM loss, with and without "
         "gradient checkpointing (non-reentrant, the same call on both sides). peftcore computes the loss chunk by "
         "chunk from the final hidden states (`peftcore/lm_loss.py`); peft lets transformers build the full logits. "
-        f"Each point: {section['rounds']} rounds x one fresh process (one warm-up step, then {section['reps']} timed "
-        "steps); peak RSS above the loaded model over all its steps, glibc told to return freed blocks (both "
+        f"Each point: {section['rounds']} round(s) x one fresh process (one warm-up step, then {section['reps']} "
+        "timed step(s)); peak RSS above the loaded model over all its steps, glibc told to return freed blocks (both "
         "libraries alike). Step times are wall clock and process CPU time; the ratio column divides peftcore's median "
         "by peft's, with the min-max over the rounds' pairs of neighbouring processes.",
         "",
