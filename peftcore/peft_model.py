@@ -539,7 +539,9 @@ class PeftModelForCausalLM(PeftModel):
         has_labels = kwargs.get("labels") is not None  # transformers computes no loss without them
         if skip_logits is True and not has_labels:
             raise ValueError("skip_logits=True needs labels: without them there is no loss")
-        if not has_labels or skip_logits is False or (skip_logits is None and not self.training):
+        # the transformers model's mode (what its dropout follows), not the wrapper's own flag
+        training = self.get_base_model().training
+        if not has_labels or skip_logits is False or (skip_logits is None and not training):
             return False
         if not self.chunked_loss.enabled or getattr(self, "_chunked_loss_fallback", None) is not None:
             return False

@@ -195,6 +195,8 @@ def test_logits_when_asked_for():
     assert model(input_ids=inputs["input_ids"]).logits.shape == (2, 12, VOCAB)  # no labels: logits as always
     with pytest.raises(ValueError, match="skip_logits=True needs labels"):
         model(input_ids=inputs["input_ids"], skip_logits=True)
+    fresh = lora(build("llama").eval())  # the wrapper is new (training flag set), the model it wraps is in eval
+    assert fresh.training and fresh(**inputs).logits is not None
 
 
 def test_switched_off_per_model_and_per_process(monkeypatch):
