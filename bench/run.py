@@ -219,11 +219,11 @@ def markdown(report: dict) -> str:
     lines += [
         (
             "Produced by the runs listed below, sections of the later run replacing the earlier's (see `bench/run.py`; "
-            "`tox -e bench` measures every section in one run)."
+            "`tox -e bench` measures every section but `long`, which takes hours here: `--only long`)."
             if report.get("runs")
             else "Produced by `"
             + report["command"].strip()
-            + "` (see `bench/run.py`; the tox env `bench` runs all sections)."
+            + "` (see `bench/run.py`; the tox env `bench` runs all sections but `long`)."
         ),
         f"Run {report['started']} - {report['finished']}; load average before {_load(report['load_before'])}, "
         f"after {_load(report['load_after'])} (the machine is shared: compare ratios, which come from interleaved "
@@ -358,6 +358,16 @@ NOTES = """## What peftcore does differently
   adapter weights written once (no constructor init that the LoRA init overwrites), and loading matches file keys
   against this adapter's tensors only. The cost of adding or loading an adapter no longer grows with the adapters
   already there.
+- **Causal-LM loss without logits** (`peftcore/lm_loss.py`, `peftcore/chunked_loss.py`): with labels in training
+  mode the loss is computed from the final hidden states a chunk of tokens at a time (the head's matmul, float32
+  log-softmax, cross-entropy; backward recomputes each chunk), so the tokens x 49,152 logits, their log-softmax and
+  their gradients never exist; ignored positions are dropped before any matmul. Same loss and gradients as
+  transformers' (fp32, atol 1e-5 in the tests); the price is one more head matmul per step.
+- **Checkpointed steps** (issue 14 reported peftcore's at 219 s against peft's 91 s in one loaded run): counted in
+  `plugins/peftcore-lora/tests/test_fast_checkpointing.py`, every adapted layer runs exactly as often as in peft
+  (forward plus the checkpoint's one recompute) and the input rebuild stays off under non-reentrant checkpointing:
+  nothing is recomputed twice. That run's gap was the shared machine's load; the long-sequence table compares
+  neighbouring processes.
 - Everything else (DoRA, quantised or hooked base layers, Embedding/Conv2d, autocast, merged or disabled adapters,
   torch.compile) takes the plain path, which is the reference the fast paths are tested against (fp32, atol 1e-5).
   `PEFTCORE_LORA_FAST=0` switches the fast paths off (the `peftcore-plain` rows, when run with `--with-plain`).
@@ -370,6 +380,9 @@ NOTES = """## What peftcore does differently
   pairs still move by about +-5% between runs on this shared 2-vCPU machine; read the min-max beside each ratio.
 - Memory: what remains above the base is the optimizer state and gradients of 4.9 M adapter parameters (~58 MiB
   with AdamW), the `o_proj` inputs (~17 MiB here) and the `(N, r)` products.
+- Long sequences: every point is a single-sequence step on 2 cores, minutes each; two rounds only, so read the
+  min-max beside each time ratio. `offload=True` (checkpointed inputs in host memory) only acts on an accelerator
+  and is not measured here.
 - GPU: `bench/gpu.py` (Triton kernels vs the PyTorch paths vs peft's formula, layer level and whole models, H100) is
   ready to run in one go; no GPU was available where these numbers were taken, so it has only run in `--smoke` mode.
 """
