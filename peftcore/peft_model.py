@@ -337,25 +337,34 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
         is_main_process: bool = True,
+        state_dict: dict | None = None,
         **kwargs,
     ) -> None:
-        """Write PEFT's files: ``default`` at the top, other adapters in sub-folders."""
+        """Write PEFT's files: ``default`` at the top, other adapters in sub-folders.
+
+        On a sharded model (FSDP2, DeepSpeed ZeRO-3) call it on every rank: the adapter's
+        shards are gathered (a collective) and only ``is_main_process`` writes. ``state_dict``
+        (PEFT's argument) is a whole model state dict gathered by the engine, e.g.
+        ``accelerator.get_state_dict(model)``; the adapters are then written from it.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
-        if not is_main_process:
-            return
         for name in names:
             config = self.peft_config[name]
+            with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
+                tensors = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
+            if not is_main_process:
+                continue
             out_dir = Path(save_directory) if name == "default" else Path(save_directory) / name
             out_dir.mkdir(parents=True, exist_ok=True)
-            state_dict = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
-            serialization.save_weights(state_dict, out_dir, safe_serialization=safe_serialization)
+            serialization.save_weights(tensors, out_dir, safe_serialization=safe_serialization)
             write_config(config, out_dir)
-        write_text_atomic(Path(save_directory) / "README.md", _model_card(self))
+        if is_main_process:
+            write_text_atomic(Path(save_directory) / "README.md", _model_card(self))
 
     @classmethod
     def from_pretrained(

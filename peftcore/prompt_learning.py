@@ -20,10 +20,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from peftcore import distributed
 from peftcore.config import PeftConfig, TaskType
 from peftcore.files import AdapterFileError
 from peftcore.input_adapter import InputAdapter
 from peftcore.modules_to_save import ModulesToSaveWrapper
+from peftcore.serialization import handed_over_state_dict
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
@@ -217,10 +219,19 @@ class PromptLearningAdapter(InputAdapter):
         table = self.prompt_table()
         return table.unsqueeze(0).expand(batch_size, *table.shape)
 
-    def prompt_embeddings_to_save(self) -> torch.Tensor:
+    def prompt_embeddings_to_save(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The prompt table on the CPU; ``params`` (whole tensors by parameter name) stand in for the
+        module's own, e.g. when those are shards or an engine handed over gathered copies."""
         # no_grad: the same kernels as inference (an LSTM differs by ~1e-6 between the two modes)
         with torch.no_grad():
-            return self.prompt_table().detach().cpu()
+            if params is None:
+                return self.prompt_table().detach().cpu()
+            if self.baked:
+                return params["embedding.weight"].detach().cpu()
+            device = self.embedding.weight.device
+            indices = torch.arange(self.saved_tokens, device=device).unsqueeze(0)
+            params = {k: v.to(device) for k, v in params.items()}
+            return torch.func.functional_call(self, params, (indices,))[0].detach().cpu()
 
     def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
         """Load PEFT's ``prompt_embeddings``; an encoder with heads is baked (the heads cannot be recovered)."""
@@ -321,9 +332,20 @@ def cache_argument(model: nn.Module) -> str:
 
 def prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """PEFT's tensors for a prompt-learning adapter: ``prompt_embeddings`` plus its ``modules_to_save`` copies."""
-    out = {PROMPT_EMBEDDINGS_KEY: peft_model.prompt_encoder[adapter_name].prompt_embeddings_to_save()}
+    encoder = peft_model.prompt_encoder[adapter_name]
+    out = {PROMPT_EMBEDDINGS_KEY: encoder.prompt_embeddings_to_save(_whole_encoder_params(peft_model, adapter_name))}
     out.update(_saved_module_tensors(peft_model, adapter_name))
     return out
+
+
+def _whole_encoder_params(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor] | None:
+    """The encoder's parameters from a handed-over state dict, or gathered when sharded; None: use its own."""
+    handed = handed_over_state_dict()
+    if handed is not None:
+        prefix = f"prompt_encoder.{adapter_name}."
+        return {k[len(prefix):]: v for k, v in handed.items() if k.startswith(prefix)}
+    encoder = peft_model.prompt_encoder[adapter_name]
+    return distributed.full_tensors(dict(encoder.named_parameters())) if distributed.any_sharded(encoder) else None
 
 
 def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
@@ -339,10 +361,7 @@ def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
             )
     if PROMPT_EMBEDDINGS_KEY in state_dict:
         peft_model.prompt_encoder[adapter_name].load_prompt_embeddings(state_dict[PROMPT_EMBEDDINGS_KEY])
-    with torch.no_grad():
-        for name, target in saved.items():
-            if name in state_dict:
-                target.copy_(state_dict[name])
+    distributed.copy_into([(target, state_dict[name]) for name, target in saved.items() if name in state_dict])
     return missing, unexpected
 
 
@@ -362,10 +381,18 @@ def check_prompt_embeddings(
 
 
 def _saved_module_tensors(peft_model: nn.Module, adapter_name: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """``base_model.<path>.modules_to_save.<adapter>.<t>`` is stored as ``base_model.<path>.<t>`` (PEFT)."""
+    """``base_model.<path>.modules_to_save.<adapter>.<t>`` is stored as ``base_model.<path>.<t>`` (PEFT).
+
+    ``keep_vars=True`` gives the live parameters (to load into); otherwise whole tensors,
+    from a handed-over state dict or gathered from shards.
+    """
+    handed = None if keep_vars else handed_over_state_dict()
     out = {}
     for path, module in peft_model.base_model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=keep_vars).items():
+            copy_prefix = f"base_model.{path}.modules_to_save.{adapter_name}."
+            for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                if handed is not None:
+                    tensor = handed.get(copy_prefix + key, tensor)
                 out[f"base_model.{path}.{key}"] = tensor
-    return out
+    return out if keep_vars else distributed.full_tensors(out)

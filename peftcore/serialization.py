@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
 
+from peftcore import distributed
 from peftcore.config import PeftConfig
 from peftcore.files import (
     CONFIG_NAME,
@@ -106,14 +109,46 @@ def disk_key(key: str, adapter_name: str, config: PeftConfig, method=None) -> st
     return method.to_disk_key(key, adapter_name, config) or modules_to_save_disk_key(key, adapter_name)
 
 
+# A whole model's state dict handed over by the training engine (accelerate's get_state_dict,
+# DeepSpeed's consolidated weights): while set, adapters are saved from it, not from the live model.
+_HANDED_OVER: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("peftcore_handed_over", default=None)
+
+
+@contextmanager
+def tensors_from(state_dict: dict[str, torch.Tensor] | None):
+    """Inside the block, ``adapter_state_dict`` reads the model's tensors from ``state_dict``.
+
+    For a state dict an engine gathered already (keys as in ``PeftModel.state_dict()``):
+    the live parameters may be shards, and only the main process may be running.
+    ``None`` leaves the live model as the source.
+    """
+    token = _HANDED_OVER.set(state_dict)
+    try:
+        yield
+    finally:
+        _HANDED_OVER.reset(token)
+
+
+def handed_over_state_dict() -> dict[str, torch.Tensor] | None:
+    """The state dict set by :func:`tensors_from`, if any (methods that compute their tensors read it)."""
+    return _HANDED_OVER.get()
+
+
 def default_adapter_state_dict(model, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names, whole: shards (FSDP2, ZeRO-3) are gathered here.
+
+    Gathering is collective, so every rank calls this when the model is sharded.
+    """
     method = method_for_config(config)
+    source = handed_over_state_dict()
+    if source is None:
+        source = model.state_dict(keep_vars=True)  # ZeRO-3 keeps its partition info on the parameters
     out = {}
-    for key, tensor in model.state_dict(keep_vars=False).items():
+    for key, tensor in source.items():
         name = disk_key(key, adapter_name, config, method)
         if name is not None:
             out[name] = tensor
-    return out
+    return distributed.full_tensors(out)
 
 
 def adapter_view_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -157,6 +192,7 @@ def adapter_view_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]
 
 def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]):
     method = method_for_config(config)
+    distributed.refuse_fsdp1_load(model)
     own = adapter_view_state_dict(model, adapter_name)
     by_disk_name = {}
     for key in own:
@@ -167,14 +203,12 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
     missing = [k for k in by_disk_name if k not in state_dict]
     pairs = [(own[by_disk_name[name]], tensor, name) for name, tensor in state_dict.items() if name in by_disk_name]
     for target, tensor, name in pairs:  # check every shape before touching any weight
-        if target.shape != tensor.shape:
+        if distributed.whole_shape(target) != tuple(tensor.shape):
             raise AdapterFileError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but {by_disk_name[name]} in the model has "
-                f"{tuple(target.shape)} (different r, base model or config?)"
+                f"{distributed.whole_shape(target)} (different r, base model or config?)"
             )
-    with torch.no_grad():
-        for target, tensor, _ in pairs:
-            target.copy_(tensor)
+    distributed.copy_into([(target, tensor) for target, tensor, _ in pairs])  # each rank keeps its own shard
     return missing, unexpected
 
 
