@@ -133,11 +133,13 @@ def run(engine: str, method: str, out: Path, peftcore_policy: bool = True) -> No
     target = accelerator.unwrap_model(model) if accelerator is not None else peft_model
     facts = {"losses": losses, "world": world, "sharded_adapter_tensors": _sharded_here(target),
              "fsdp1_units": sum(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())}
-    # every rank calls save_pretrained: shards are gathered collectively, rank 0 writes
-    target.save_pretrained(out / "adapter", is_main_process=rank == 0)
+    # every rank calls save_pretrained (shards are gathered collectively), each with its own folder:
+    # only rank 0's may appear
+    target.save_pretrained(out / f"adapter_rank{rank}", is_main_process=rank == 0)
     facts["rank_pattern"] = _rank_pattern(target)
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
     if engine == "fsdp2" and method == "lora":
+        dist.barrier()  # rank 0 has written the files
         _reload_into_sharded(out, rank, world)
     dist.barrier()
     dist.destroy_process_group()
@@ -170,7 +172,7 @@ def _reload_into_sharded(out: Path, rank: int, world: int) -> None:
     from peftcore import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     fresh = _fsdp2(build("lora", init_seed=5), init_device_mesh("cpu", (world,)))
-    result = set_peft_model_state_dict(fresh, load_peft_weights(out / "adapter"))
+    result = set_peft_model_state_dict(fresh, load_peft_weights(out / "adapter_rank0"))
     assert not result.missing_keys and not result.unexpected_keys, result
     held = get_peft_model_state_dict(fresh)  # gathered again: every rank
     ids = global_batches()[0]
