@@ -144,15 +144,14 @@ def fsdp_auto_wrap_policy(model: nn.Module):
 
     from peftcore.input_adapter import InputAdapter
 
-    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", ",".join(_no_split_modules(model))).split(",")
+    from_env = "FSDP_TRANSFORMER_CLS_TO_WRAP" in os.environ
+    names = os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",") if from_env else _no_split_modules(model)
     block_classes: set[type] = {InputAdapter}
     for name in filter(None, (n.strip() for n in names)):
         found = _module_class_named(model, name)
         if found is None:
-            raise TypeError(
-                f"fsdp_auto_wrap_policy: no module of class {name!r} in the model (from "
-                f"{'FSDP_TRANSFORMER_CLS_TO_WRAP' if 'FSDP_TRANSFORMER_CLS_TO_WRAP' in os.environ else '_no_split_modules'})"
-            )
+            where = "FSDP_TRANSFORMER_CLS_TO_WRAP" if from_env else "the model's _no_split_modules"
+            raise TypeError(f"fsdp_auto_wrap_policy: no module of class {name!r} (named in {where}) in the model")
         block_classes.add(found)
 
     def trainable_leaf(module: nn.Module) -> bool:

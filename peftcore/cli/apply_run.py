@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from peftcore.cli import assets, models
+from peftcore.cli import assets, launch, models
 from peftcore.cli import datasets as data
 from peftcore.cli import training_loop as train
 from peftcore.cli.errors import CliError, user_errors
@@ -50,6 +50,7 @@ class ApplyRequest:
     seed: int = 0
     device: str | None = None
     gradient_checkpointing: bool = False
+    nproc_per_node: int = 1
     as_json: bool = False
 
 
@@ -65,7 +66,7 @@ class Results:
         self.facts[key] = {"before": before, "after": after}
 
 
-def run_apply(request: ApplyRequest) -> None:
+def run_apply(request: ApplyRequest, report: bool = True):
     started = time.perf_counter()
     models.quiet_transformers()
     model_spec = request.model or models.DEFAULT_MODEL
@@ -86,10 +87,17 @@ def run_apply(request: ApplyRequest) -> None:
     out = Path(request.out or _default_out(request.method.name, model_spec, dataset_spec))
     results = Results(facts={"method": request.method.name, "model": model_spec, "task_type": task_type,
                              "dataset": dataset_spec, "out": str(out), "device": request.device})
-    runner = _classification if task_type == SEQ_CLS else _causal_lm
-    with user_errors(hint=f"see `peftcore apply {request.method.name} --help`"):
-        runner(request, config, model_path, dataset_spec, settings, out, results)
+    if request.nproc_per_node > 1 and not launch.in_worker():
+        launch.check_request(request.nproc_per_node, request.batch_size)
+        results, out = launch.launch(request, request.nproc_per_node)  # rank 0's results
+    else:
+        runner = _classification if task_type == SEQ_CLS else _causal_lm
+        with user_errors(hint=f"see `peftcore apply {request.method.name} --help`"):
+            runner(request, config, model_path, dataset_spec, settings, out, results)
+        results.facts["processes"] = launch.world_size()
     results.facts["seconds"] = round(time.perf_counter() - started, 1)
+    if not report:
+        return results, out
     _report(results, out, request.as_json)
 
 
@@ -274,13 +282,17 @@ def _lm_logits(model, examples, pad_id) -> torch.Tensor:
 def _save_and_check(peft_model, out: Path, load_base, outputs_of, expected: torch.Tensor, results: Results) -> None:
     from peftcore import PeftModel
 
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, is_main_process=launch.is_main())  # every rank: sharded adapters gather
+    if not launch.is_main():
+        launch.barrier()  # wait for rank 0's reload check
+        return
     weights = out / SAFETENSORS_WEIGHTS_NAME
     results.facts["adapter_bytes"] = weights.stat().st_size
     status(f"saved the adapter to {out}; reloading it with PeftModel.from_pretrained")
     reloaded = PeftModel.from_pretrained(load_base(), str(out)).to(next(peft_model.parameters()).device)
     diff = (outputs_of(reloaded) - expected).abs().max().item()
     results.facts["reload_max_abs_diff"] = diff
+    launch.barrier()
     if not diff <= RELOAD_TOLERANCE:
         raise CliError(f"the reloaded adapter in {out} changes the outputs (max abs diff {diff:.3g})",
                        "this is a bug in peftcore or the method plugin; please report it")
