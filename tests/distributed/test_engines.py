@@ -103,21 +103,6 @@ def test_fsdp2_saves_the_whole_adapter_and_loads_back_into_shards(tmp_path, refe
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-def test_fsdp1_with_fsdp_auto_wrap_policy_trains_the_one_process_adapter(tmp_path, references):
-    check(accelerate_launch("fsdp1.yaml", "train_worker.py", "--engine", "accelerate", "--method", "lora",
-                            "--out", str(tmp_path)))
-    assert facts(tmp_path, 0)["fsdp1_units"] > 2  # blocks and the trainable leaves, not just the root
-    assert_same_adapter(adapter_files(tmp_path), references("lora"))
-
-
-def test_fsdp1_without_the_policy_hits_the_mixed_requires_grad_error(tmp_path):
-    """Why the policy exists (peft #1702): blocks holding frozen weights and trainable adapters cannot flatten."""
-    result = accelerate_launch("fsdp1.yaml", "train_worker.py", "--engine", "accelerate", "--method", "lora",
-                               "--out", str(tmp_path), "--fsdp1-policy", "accelerate")
-    assert not result.timed_out and result.returncode != 0
-    assert "uniform requires_grad" in result.stdout
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_saves_the_complete_trained_adapter(tmp_path, references, stage):
     pytest.importorskip("deepspeed")

@@ -68,7 +68,7 @@ def train(model, optimizer, backward, rank: int = 0, world: int = 1, peft_model=
     losses = []
     model.train()
     for step, batch in enumerate(global_batches()):
-        ids = local_rows(batch, rank, world)
+        ids = local_rows(batch, rank, world).to(next(model.parameters()).device)
         loss = model(input_ids=ids, labels=ids).loss
         backward(loss)
         optimizer.step()
@@ -103,8 +103,10 @@ def run(engine: str, method: str, out: Path, peftcore_policy: bool = True) -> No
     if engine == "accelerate":
         from accelerate import Accelerator
 
-        # DeepSpeed brings its own CPU accelerator (DS_ACCELERATOR=cpu); the others are told to use the CPU
-        accelerator = Accelerator(cpu=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true")
+        # DeepSpeed brings its own CPU accelerator (DS_ACCELERATOR=cpu); DDP is told to use the CPU. FSDP needs a
+        # GPU (torch 2.13's FSDP1 refuses the CPU; accelerate 1.15 runs an FSDP config on CPU undistributed)
+        on_cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
+        accelerator = Accelerator(cpu=on_cpu)
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
