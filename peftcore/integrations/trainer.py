@@ -28,7 +28,10 @@ ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
   the mixin adds :class:`PeftcoreCallback`, which calls the ``on_optimizer_step``
   hook. A stock ``Trainer`` takes it as ``callbacks=[PeftcoreCallback()]``.
 
-Any model that is not a peftcore ``PeftModel`` goes through the Trainer's own code.
+Under DDP, FSDP and DeepSpeed ``save_model`` runs on every rank and saves through
+``save_pretrained``, which gathers only the adapter's shards (FSDP2, ZeRO-3) and writes on
+the main process (docs/distributed.md). Any model that is not a peftcore ``PeftModel``
+goes through the Trainer's own code.
 Other trainers built on ``Trainer`` (e.g. TRL's) take the mixin first:
 ``class MySFTTrainer(PeftTrainerMixin, SFTTrainer): pass``.
 """
