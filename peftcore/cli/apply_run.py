@@ -89,7 +89,7 @@ def run_apply(request: ApplyRequest, report: bool = True):
                              "dataset": dataset_spec, "out": str(out), "device": request.device})
     if request.nproc_per_node > 1 and not launch.in_worker():
         launch.check_request(request.nproc_per_node, request.batch_size)
-        results, out = launch.launch(request, request.nproc_per_node)  # rank 0's results
+        results, out = launch.launch(run_apply, request, request.nproc_per_node)  # rank 0's results
     else:
         runner = _classification if task_type == SEQ_CLS else _causal_lm
         with user_errors(hint=f"see `peftcore apply {request.method.name} --help`"):

@@ -44,15 +44,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def launch(request, nproc: int):
-    """Run ``apply`` on ``nproc`` local workers; returns rank 0's ``(results, out)``."""
+def launch(run_apply, request, nproc: int):
+    """Run ``run_apply(request)`` on ``nproc`` local workers; returns rank 0's ``(results, out)``."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
     try:
-        returned = elastic_launch(config, entrypoint=_worker)(request)
+        returned = elastic_launch(config, entrypoint=_worker)(run_apply, request)
     except ChildFailedError as exc:
         failures = "; ".join(f"rank {r}: {f.message or f'exit code {f.exitcode}'}" for r, f in exc.failures.items())
         raise CliError(f"a worker of the {nproc}-process run failed ({failures})",
@@ -60,11 +60,9 @@ def launch(request, nproc: int):
     return returned[0]
 
 
-def _worker(request):
+def _worker(run_apply, request):
     """One rank: join the process group, run ``apply`` with its output and files left to rank 0."""
     import torch.distributed as dist
-
-    from peftcore.cli.apply_run import run_apply
 
     local_rank = int(os.environ["LOCAL_RANK"])
     on_gpu = request.device is not None and request.device.startswith("cuda")
