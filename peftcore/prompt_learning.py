@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from peftcore.files import AdapterFileError
 from peftcore.input_adapter import InputAdapter
 from peftcore.modules_to_save import ModulesToSaveWrapper
 from peftcore.serialization import handed_over_state_dict
+from peftcore.validation import POSITIVE
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
@@ -35,23 +36,21 @@ IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
 class PromptLearningConfig(PeftConfig):
     """PEFT's ``PromptLearningConfig``; the model-shape fields left as None are read from the model."""
 
-    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
-    token_dim: int = field(
-        default=None, metadata={"help": "Hidden embedding dimension of the base model (read from the model if unset)"}
-    )
-    num_transformer_submodules: Optional[int] = field(
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={
+        "help": "Number of virtual tokens", "required": True, "range": POSITIVE})
+    token_dim: Optional[int] = field(default=None, metadata={
+        "help": "Hidden embedding dimension of the base model (read from the model if unset)", "range": POSITIVE})
+    num_transformer_submodules: Optional[Literal[1, 2]] = field(
         default=None,
         metadata={
             "help": "Number of transformer stacks: 2 for encoder-decoder (SEQ_2_SEQ_LM), else 1 "
                     "(set from task_type if unset)"
         },
     )
-    num_attention_heads: Optional[int] = field(
-        default=None, metadata={"help": "Number of attention heads (read from the model if unset)"}
-    )
-    num_layers: Optional[int] = field(
-        default=None, metadata={"help": "Number of transformer layers (read from the model if unset)"}
-    )
+    num_attention_heads: Optional[int] = field(default=None, metadata={
+        "help": "Number of attention heads (read from the model if unset)", "range": POSITIVE})
+    num_layers: Optional[int] = field(default=None, metadata={
+        "help": "Number of transformer layers (read from the model if unset)", "range": POSITIVE})
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={
@@ -60,18 +59,7 @@ class PromptLearningConfig(PeftConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        name = type(self).__name__
-        if self.num_virtual_tokens is None:
-            raise ValueError(f"{name}: num_virtual_tokens is required (e.g. num_virtual_tokens=20)")
-        for attr in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
-            value = getattr(self, attr)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{name}: {attr} must be a positive integer, got {value!r}")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(
-                f"{name}: num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}"
-            )
+        super().__post_init__()  # types and ranges of every field (peftcore.validation)
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 

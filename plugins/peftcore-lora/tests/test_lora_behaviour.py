@@ -273,7 +273,7 @@ def test_embedding_and_conv2d_merge_exactly():
 
 
 def test_config_errors_are_raised_early():
-    with pytest.raises(ValueError, match="r must be a positive integer"):
+    with pytest.raises(ValueError, match="r must be a positive integer, got 0"):
         LoraConfig(r=0)
     with pytest.raises(ValueError, match="bias"):
         LoraConfig(bias="some")
