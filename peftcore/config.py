@@ -8,10 +8,10 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
-from peftcore.files import CONFIG_NAME, AdapterFileError, resolve_file, write_text_atomic
+from peftcore.adapter_folder import write_text
+from peftcore.files import CONFIG_NAME, AdapterFileError, resolve_file
 from peftcore.plugins import get_method, hooks, methods, no_methods_hint
 from peftcore.validation import NON_NEGATIVE, ConfigError, check_fields, check_regex
 from peftcore.version import __version__
@@ -170,10 +170,15 @@ def config_as_dict(config: PeftConfig) -> dict:
     return json_ready(hooks.config_to_dict(config=config))
 
 
-def write_config(config: PeftConfig, save_directory: str | os.PathLike, inference_mode: bool = True) -> None:
+def config_json(config: PeftConfig, inference_mode: bool = True) -> str:
+    """``adapter_config.json``'s text for ``config``, as PEFT writes it (sorted keys, ``inference_mode`` set)."""
     data = config_as_dict(config)
     data["inference_mode"] = inference_mode
-    write_text_atomic(Path(save_directory) / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def write_config(config: PeftConfig, save_directory: str | os.PathLike, inference_mode: bool = True) -> None:
+    write_text(save_directory, CONFIG_NAME, config_json(config, inference_mode))
 
 
 def config_from_dict(data: dict) -> PeftConfig:

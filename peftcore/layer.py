@@ -311,10 +311,13 @@ class AdapterLayer(nn.Module):
         bias_delta = self.delta_bias(name)
         if bias_delta is not None:
             if bias is None:
-                raise ValueError(f"Cannot merge adapter {name!r} into {self.location}: it changes the bias, but the "
-                                 "base layer has none")
+                raise self._no_bias_to_merge_into(name)
             bias = bias + bias_delta.to(bias.dtype)
         return weight, bias
+
+    def _no_bias_to_merge_into(self, name: str) -> ValueError:
+        return ValueError(f"Cannot merge adapter {name!r} into {self.location}: it changes the bias, but the "
+                          "base layer has none")
 
     def unmerge_one(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         """The inverse of :meth:`merge_one`."""
@@ -373,6 +376,39 @@ class AdapterLayer(nn.Module):
             return
         self._store_base_params(*self.unmerged_params(*self._base_params(), self.merged_adapters))
         self.merged_adapters.clear()
+
+    def check_merge(self, adapter_names: list[str], safe_merge: bool = False) -> None:
+        """Raise what merging ``adapter_names`` would raise, changing nothing (``merge_adapter`` asks every layer
+        first, so that a model is merged entirely or not at all).
+
+        With ``safe_merge`` this computes the merged weights once more to check them for NaN/inf. A layer
+        type whose weights are stored another way (quantised) overrides this with its own dry run.
+        """
+        names = [n for n in adapter_names if n not in self.merged_adapters and n in self.adapter_names]
+        if not names:
+            return
+        if safe_merge:
+            self.merged_params(*self._base_params(), names, safe_merge=True)
+            return
+        if self._base_params()[1] is None:
+            for name in names:
+                if self.delta_bias(name) is not None:
+                    raise self._no_bias_to_merge_into(name)
+
+    def merge_snapshot(self) -> object:
+        """What :meth:`restore_merge` needs to put the current (merged) weights back bit for bit.
+
+        References to the weight tensors, not copies: merging and unmerging store new tensors
+        (``_store_base_params``), so the old ones stay intact while referenced. A layer type that
+        merges in place, or keeps more merge state (LoRA's DoRA norms), extends both methods.
+        """
+        weight, bias = self._base_params()
+        return list(self.merged_adapters), weight, bias
+
+    def restore_merge(self, snapshot: object) -> None:
+        merged, weight, bias = snapshot
+        self._store_base_params(weight, bias)
+        self.merged_adapters[:] = merged
 
     def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else list(adapter_names)

@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from torch import nn
 
 from peftcore import matching
+from peftcore.adapter_names import check_adapter_name
 from peftcore.layer import AdapterLayer
 from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from peftcore.plugins import hooks, layer_supports, method_for_config, pick_layer_support
+from peftcore.rollback import MergedWeights
 from peftcore.walking import set_submodule, walk_modules
 
 WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)  # candidates for a new adapter never live inside one
@@ -54,7 +56,15 @@ class LayerTuner(nn.Module):
 
     # -- injection -------------------------------------------------------------
 
-    def inject_adapter(self, config, adapter_name: str) -> None:
+    def inject_adapter(self, config, adapter_name: str, fill=None) -> None:
+        """Add adapter ``adapter_name``: wrap its targets, run ``fill()`` (if given: load its tensors), then settle
+        which adapters train.
+
+        A failure before the last step removes everything the adapter added; until then
+        nothing else in the model has changed but trainability flags (a merged model is
+        unmerged only in the last step), which ``PeftModel`` puts back (peftcore.rollback).
+        """
+        check_adapter_name(adapter_name)
         method = method_for_config(config)
         for existing_name, existing in self.peft_config.items():
             if existing.peft_type != config.peft_type:
@@ -67,7 +77,9 @@ class LayerTuner(nn.Module):
         try:
             self._wrap_modules_to_save(config, adapter_name)
             self._wrap_targets(method, config, adapter_name)
-        except Exception:
+            if fill is not None:
+                fill()
+        except BaseException:
             self._remove_partial(adapter_name)
             raise
         self._freeze_all_but_adapters(new_adapter=adapter_name)
@@ -199,12 +211,17 @@ class LayerTuner(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(self.peft_config)}")
+        wrappers = self.saved_module_wrappers()
+        if len(names) > 1 and wrappers:  # checked before any layer switches
+            raise ValueError(
+                f"Cannot activate {names} together: modules_to_save ({wrappers[0][0]}, ...) holds one active copy"
+            )
         for _, layer in self.adapter_layers():
             if layer.merged:
                 warnings.warn("Adapters were merged; unmerging before switching the active adapter")
                 layer.unmerge()
             layer.set_adapter(names)
-        for _, wrapper in self.saved_module_wrappers():
+        for _, wrapper in wrappers:
             wrapper.set_adapter(names)
         self._active_adapter = adapter_name
         if inference_mode:
@@ -227,20 +244,38 @@ class LayerTuner(nn.Module):
 
     @contextmanager
     def adapters_disabled(self):
+        """Base outputs inside the block; afterwards the model is exactly as before (merged, frozen, ...)."""
+        trains = {param: param.requires_grad for param in self.parameters()}
+        merged = MergedWeights(self)  # disabling unmerges (exact base outputs); the exit merges back, bit for bit
+        active = self.active_adapters
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            self.enable_adapter_layers()  # re-activating makes the active adapters trainable ...
+            if self.active_adapters == active:  # ... unless the block switched adapters itself, put back what was
+                merged.restore()
+                for param in self.parameters():
+                    if param in trains:
+                        param.requires_grad_(trains[param])
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+        merged_in = [key for key, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:  # checked before anything is deleted
+            raise ValueError(
+                f"Cannot delete adapter {adapter_name!r} while it is merged (into {merged_in[0]}, ...); "
+                "unmerge_adapter() first"
+            )
+        was_active = adapter_name in self.active_adapters
         del self.peft_config[adapter_name]
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in self.saved_module_wrappers():
             wrapper.delete_adapter(adapter_name)
+        if not was_active:  # the layers and wrappers dropped it; what is active and trains stays as it was
+            return
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
@@ -258,13 +293,21 @@ class LayerTuner(nn.Module):
         hooks.unmerge_layer(layer=layer)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge into every layer, or into none: a failure unmerges the layers merged so far."""
+        """Merge into every layer, or into none: each layer checks first (``check_merge``), then all merge.
+
+        With ``safe_merge`` the check computes every merged weight once for NaN/inf, so a
+        bad adapter in the last layer leaves every weight untouched. Should a merge still
+        fail (a plugin's own merge code), the layers merged so far are unmerged again.
+        """
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.check_merge(layer.active_adapters if adapter_names is None else list(adapter_names), safe_merge)
         done = []
         try:
-            for _, layer in self.adapter_layers():
+            for layer in layers:
                 was_merged = list(layer.merged_adapters)
                 self._merge_layer(layer, adapter_names, safe_merge)
-                if not was_merged and layer.merged:  # only these can be rolled back exactly
+                if not was_merged and layer.merged:  # only these can be rolled back
                     done.append(layer)
         except Exception:
             for layer in done:
@@ -298,6 +341,7 @@ class LayerTuner(nn.Module):
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **options
     ) -> None:
         """Create ``adapter_name`` from ``adapters`` (delegated to the method's ``combine_adapters``)."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first")
         missing = [a for a in adapters if a not in self.peft_config]

@@ -12,8 +12,10 @@ from typing import Any
 from torch import nn
 
 from peftcore import serialization
-from peftcore.config import PeftConfig, TaskType, read_config, write_config
-from peftcore.files import write_text_atomic
+from peftcore.adapter_folder import write_text
+from peftcore.adapter_names import check_adapter_name
+from peftcore.config import PeftConfig, TaskType, read_config
+from peftcore.files import AdapterFileError
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
 from peftcore.modules_to_save import (
@@ -24,18 +26,8 @@ from peftcore.modules_to_save import (
 )
 from peftcore.plugins import hooks, method_for_config
 from peftcore.preparation import checkpointing_on, require_input_grads
+from peftcore.rollback import Bookkeeping, unchanged_on_failure
 from peftcore.walking import walk_modules
-
-
-def _check_adapter_name(adapter_name: str) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
-        raise ValueError(
-            f"Invalid adapter name {adapter_name!r}: use a non-empty string without '.', not {BASE_ADAPTER!r}"
-        )
-    if hasattr(nn.Module(), adapter_name):
-        raise ValueError(
-            f"Invalid adapter name {adapter_name!r}: it clashes with the torch.nn.Module attribute of that name"
-        )
 
 
 class PeftModel(nn.Module):
@@ -43,20 +35,21 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs):
         super().__init__()
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         self._prepare_config(peft_config, model)
         method = method_for_config(peft_config)
         self.modules_to_save = set(getattr(peft_config, "modules_to_save", None) or ()) or None
         checkpointing = checkpointing_on(model)  # asked before injection: the check visits every module
-        if method.kind == "model":
-            self.base_model = model
-            self.prompt_encoder = nn.ModuleDict()
-            self._prompt_configs: dict[str, PeftConfig] = {}
-            self._prompt_active = adapter_name
-            self._prompt_disabled = False
-            self._add_model_adapter(peft_config, adapter_name)
-        else:
-            self.base_model = LayerTuner(model, peft_config, adapter_name)
+        with unchanged_on_failure(model):  # a failed injection leaves the caller's model as it was
+            if method.kind == "model":
+                self.base_model = model
+                self.prompt_encoder = nn.ModuleDict()
+                self._prompt_configs: dict[str, PeftConfig] = {}
+                self._prompt_active = adapter_name
+                self._prompt_disabled = False
+                self._add_model_adapter(peft_config, adapter_name)
+            else:
+                self.base_model = LayerTuner(model, peft_config, adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
         if checkpointing:
             require_input_grads(
@@ -73,11 +66,13 @@ class PeftModel(nn.Module):
                 or None
             )
         task_heads = TASK_HEADS.get(str(config.task_type) if config.task_type else None)
+        _check_modules_to_save(config, model, task_heads or ())
         if task_heads and hasattr(config, "modules_to_save"):
             current = list(config.modules_to_save or [])
             config.modules_to_save = current + [n for n in task_heads if n not in current]
 
     def _add_model_adapter(self, config: PeftConfig, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
         if any(isinstance(m, AdapterLayer) for m in self.base_model.modules()):
             raise ValueError(
                 f"Cannot add a {config.peft_type} adapter to a model that already has adapter layers (e.g. LoRA): "
@@ -156,8 +151,15 @@ class PeftModel(nn.Module):
         return self.prompt_encoder[adapter_name].prompt_embeddings_to_save()
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs."""
-        _check_adapter_name(adapter_name)
+        """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs.
+
+        On failure the model is left as it was (adapters, active adapter, trainability, merged state).
+        """
+        self._add_adapter(adapter_name, peft_config)
+
+    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None) -> None:
+        """``add_adapter``, with ``fill()`` run once the adapter exists but before anything else changes."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
         existing = next(iter(self.peft_config.values()), None)
@@ -166,24 +168,36 @@ class PeftModel(nn.Module):
                 f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
                 "one PeftModel holds adapters of one method"
             )
-        self._prepare_config(peft_config, self.get_base_model())
-        if self._uses_layers:
-            # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
-            # no model-wide set_adapter here, whose cost grows with the number of adapters
-            self.base_model.inject_adapter(peft_config, adapter_name)
-        else:
-            self._add_model_adapter(peft_config, adapter_name)
+        with unchanged_on_failure(self):
+            self._prepare_config(peft_config, self.get_base_model())
+            if self._uses_layers:
+                # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
+                # no model-wide set_adapter here, whose cost grows with the number of adapters
+                self.base_model.inject_adapter(peft_config, adapter_name, fill=fill)
+            else:
+                self._add_model_adapter(peft_config, adapter_name)
+                try:
+                    if fill is not None:
+                        fill()
+                except BaseException:
+                    self.delete_adapter(adapter_name)
+                    raise
         if getattr(peft_config, "modules_to_save", None):
             self.modules_to_save = (self.modules_to_save or set()) | set(peft_config.modules_to_save)
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` the active adapter; it trains unless ``inference_mode``."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} not found; existing adapters: {sorted(self.peft_config)}")
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter (layer methods: or a list of them); it trains unless
+        ``inference_mode``. A name that does not exist changes nothing."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"Adapter(s) {unknown or names} not found; existing adapters: {sorted(self.peft_config)}")
         if self._uses_layers:
             self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        elif len(names) > 1:
+            raise ValueError(f"A prompt-learning model runs one adapter at a time, got {names}")
         else:
-            self._activate_model_adapter(adapter_name, inference_mode=inference_mode)
+            self._activate_model_adapter(names[0], inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._uses_layers:
@@ -201,7 +215,7 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model without any adapter inside the ``with`` block."""
+        """Run the base model without any adapter inside the ``with`` block; afterwards the model is as before."""
         if self._uses_layers:
             with self.base_model.adapters_disabled():
                 yield
@@ -209,6 +223,7 @@ class PeftModel(nn.Module):
         # The active adapter stays named (active_peft_config works inside); only its effect is switched off.
         was_disabled, self._prompt_disabled = self._prompt_disabled, True
         wrappers = saved_module_wrappers(self.base_model)
+        trains = {param: param.requires_grad for param in self.parameters()}
         for wrapper in wrappers:
             wrapper.enable_adapters(False)
         try:
@@ -217,8 +232,9 @@ class PeftModel(nn.Module):
             self._prompt_disabled = was_disabled
             for wrapper in wrappers:
                 wrapper.enable_adapters(not was_disabled)
-            if not was_disabled:
-                self._activate_model_adapter(self._prompt_active)
+            for param in self.parameters():  # enabling makes the active copies trainable; put back what was
+                if param in trains:
+                    param.requires_grad_(trains[param])
 
     # -- parameters ------------------------------------------------------------------
 
@@ -353,18 +369,16 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
+        folders = {name: _adapter_folder(save_directory, name) for name in names}  # all checked before any write
         for name in names:
             config = self.peft_config[name]
             with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
                 tensors = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
             if not is_main_process:
                 continue
-            out_dir = Path(save_directory) if name == "default" else Path(save_directory) / name
-            out_dir.mkdir(parents=True, exist_ok=True)
-            serialization.save_weights(tensors, out_dir, safe_serialization=safe_serialization)
-            write_config(config, out_dir)
+            serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization)
         if is_main_process:
-            write_text_atomic(Path(save_directory) / "README.md", _model_card(self))
+            write_text(save_directory, "README.md", _model_card(self))
 
     @classmethod
     def from_pretrained(
@@ -379,12 +393,19 @@ class PeftModel(nn.Module):
         if config is None:
             config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
-        weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        path = serialization.find_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        weights = serialization.read_weights(path)
         model_cls = cls
         if cls is PeftModel and config.task_type is not None:
             model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
+        before = Bookkeeping(model)
         peft_model = model_cls(model, config, adapter_name)
-        peft_model._load_state_dict_into(config, adapter_name, weights, str(model_id))
+        try:
+            peft_model._load_state_dict_into(config, adapter_name, weights, path)
+        except BaseException:  # give the caller's model back as it came, not wrapped around a random adapter
+            peft_model._take_out(adapter_name)
+            before.restore()
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -398,27 +419,77 @@ class PeftModel(nn.Module):
         **kwargs,
     ) -> None:
         """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
+        check_adapter_name(adapter_name)  # before reading any file
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
         hub_kwargs = {
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
         }
         subfolder = hub_kwargs.pop("subfolder", None)
         config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
-        weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_state_dict_into(config, adapter_name, weights, str(model_id))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+        path = serialization.find_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        weights = serialization.read_weights(path)
+        # the tensors are loaded before a merged model is unmerged or any flag is settled
+        self._add_adapter(
+            adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
+        )
         if not is_trainable:
             self.eval()
 
+    def _take_out(self, adapter_name: str) -> None:
+        """Remove the adapter and every wrapper left without one (the base model's own modules go back)."""
+        if self._uses_layers:
+            self.base_model._remove_partial(adapter_name)
+        else:
+            self.delete_adapter(adapter_name)
+
     def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
-        missing, unexpected = hooks.load_adapter_state_dict(
-            model=self, config=config, adapter_name=adapter_name, state_dict=weights
-        )
+        try:
+            missing, unexpected = hooks.load_adapter_state_dict(
+                model=self, config=config, adapter_name=adapter_name, state_dict=weights
+            )
+        except AdapterFileError as exc:  # the hook knows tensors, not files
+            raise AdapterFileError(f"{where}: {exc}") from None
+        if missing and len(unexpected) == len(weights):
+            raise AdapterFileError(
+                f"{where}: none of its {len(weights)} tensors belongs to the {config.peft_type} adapter "
+                f"{adapter_name!r} (it needs e.g. {missing[:2]}; the file has e.g. {unexpected[:2]}): "
+                "a file for another model or method?"
+            )
         serialization.warn_load_report(missing, unexpected, where)
+
+
+def _check_modules_to_save(config: PeftConfig, model: nn.Module, task_heads) -> None:
+    """Each name the user put in ``modules_to_save`` must name a module (the task's usual heads may be absent)."""
+    asked = [n for n in getattr(config, "modules_to_save", None) or () if n not in task_heads]
+    if not asked:
+        return
+    keys = [key for key, _ in walk_modules(model)]
+    absent = [n for n in asked if not any(key == n or key.endswith(f".{n}") for key in keys)]
+    if absent:
+        raise ValueError(
+            f"modules_to_save names {absent}, but {type(model).__name__} has no module of that name (a name matches "
+            "a module's dotted path or its last parts, e.g. 'classifier' or 'pooler.dense')"
+        )
+
+
+def _adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """Where ``save_pretrained`` writes an adapter: the folder itself, or a sub-folder that stays inside it.
+
+    Names cannot hold separators (peftcore.adapter_names), but a sub-folder may be a
+    symlink: the check is made on the resolved paths.
+    """
+    root = Path(save_directory).resolve()
+    if adapter_name == "default":
+        return root
+    folder = (root / adapter_name).resolve()
+    if folder == root or root not in folder.parents:
+        raise ValueError(
+            f"save_pretrained: adapter {adapter_name!r} would be written to {folder}, outside {root} "
+            f"({root / adapter_name} is a link); remove the link or save elsewhere"
+        )
+    return folder
 
 
 def _model_card(model: PeftModel) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 
 from peftcore import distributed
 from peftcore.config import PeftConfig, TaskType
-from peftcore.files import AdapterFileError
+from peftcore.files import AdapterFileError, check_tensor_kind
 from peftcore.input_adapter import InputAdapter
 from peftcore.modules_to_save import ModulesToSaveWrapper
 from peftcore.serialization import handed_over_state_dict
@@ -342,7 +342,12 @@ def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
     saved = _saved_module_tensors(peft_model, adapter_name, keep_vars=True)
     missing = [k for k in [PROMPT_EMBEDDINGS_KEY, *saved] if k not in state_dict]
     unexpected = [k for k in state_dict if k != PROMPT_EMBEDDINGS_KEY and k not in saved]
-    for name, target in saved.items():  # check every shape before touching any weight
+    if PROMPT_EMBEDDINGS_KEY in state_dict:
+        table = peft_model.prompt_encoder[adapter_name].embedding.weight
+        check_tensor_kind(PROMPT_EMBEDDINGS_KEY, state_dict[PROMPT_EMBEDDINGS_KEY], table, "the prompt table")
+    for name, target in saved.items():  # check every dtype and shape before touching any weight
+        if name in state_dict:
+            check_tensor_kind(name, state_dict[name], target, name)
         if name in state_dict and tuple(state_dict[name].shape) != tuple(target.shape):
             raise AdapterFileError(
                 f"tensor {name!r} has shape {tuple(state_dict[name].shape)} but the model's has {tuple(target.shape)}"

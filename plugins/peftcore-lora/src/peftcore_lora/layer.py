@@ -131,6 +131,14 @@ class LoraLayer(AdapterLayer):
         weight_norm = self._weight_norm_cache.pop(name)
         return self.lora_magnitude_vector[name].unmerged_weight(weight, self.delta_weight(name), weight_norm), bias
 
+    def merge_snapshot(self) -> object:
+        return super().merge_snapshot(), dict(self._weight_norm_cache)  # unmerging DoRA divides by these norms
+
+    def restore_merge(self, snapshot: object) -> None:
+        weights, norms = snapshot
+        super().restore_merge(weights)
+        self._weight_norm_cache = dict(norms)
+
     # -- running ----------------------------------------------------------------
 
     def adapter_output(self, name: str, x: torch.Tensor, base_result: torch.Tensor) -> torch.Tensor:

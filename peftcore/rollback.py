@@ -1,0 +1,68 @@
+"""Putting a model's adapter bookkeeping back after a failed operation or at the end of ``disable_adapter()``.
+
+Operations that can fail part-way are ordered so that nothing but their own new
+adapter changes before the last step that can fail (``load_adapter`` fills the new
+adapter before a merged model is unmerged; ``merge_adapter`` checks every layer
+before it writes one). What they still touch on the way — which parameters train,
+which adapter each wrapper has active, train/eval modes — is recorded here first
+and put back on failure. :class:`MergedWeights` keeps the merged weights themselves
+(references, not copies) for ``disable_adapter()``, which unmerges by design.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from peftcore.layer import AdapterLayer
+
+# Attributes that say which adapters are active or switched off (AdapterLayer, ModulesToSaveWrapper,
+# LayerTuner, PeftModel).
+_STATE_ATTRIBUTES = ("_active_adapter", "_disable_adapters", "_prompt_active", "_prompt_disabled")
+
+
+class Bookkeeping:
+    """Which parameters train, which adapters are active or disabled, train/eval modes, as they are now."""
+
+    def __init__(self, model: nn.Module):
+        modules = list(model.modules())
+        self.trains = [(p, p.requires_grad) for p in model.parameters()]
+        self.modes = [(m, m.training) for m in modules]
+        self.attributes = [
+            (m, name, list(value) if isinstance(value, list) else value)
+            for m in modules for name, value in vars(m).items() if name in _STATE_ATTRIBUTES
+        ]
+
+    def restore(self) -> None:
+        for param, trains in self.trains:
+            param.requires_grad_(trains)
+        for module, training in self.modes:
+            module.training = training
+        for module, name, value in self.attributes:
+            setattr(module, name, list(value) if isinstance(value, list) else value)
+
+
+@contextmanager
+def unchanged_on_failure(model: nn.Module):
+    """Run the block; if it raises, put ``model``'s bookkeeping (see :class:`Bookkeeping`) back, then re-raise."""
+    before = Bookkeeping(model)
+    try:
+        yield
+    except BaseException:
+        before.restore()
+        raise
+
+
+class MergedWeights:
+    """The merged layers' state (their weight tensors, by reference) so that unmerging can be undone exactly."""
+
+    def __init__(self, model: nn.Module):
+        self.snapshots = [(m, list(m.merged_adapters), m.merge_snapshot()) for m in model.modules()
+                          if isinstance(m, AdapterLayer) and m.merged]
+
+    def restore(self) -> None:
+        """Merge back, exactly, the layers that were unmerged since and still hold those adapters."""
+        for layer, names, snapshot in self.snapshots:
+            if not layer.merged and all(name in layer.adapter_names for name in names):
+                layer.restore_merge(snapshot)
