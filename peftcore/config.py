@@ -243,9 +243,14 @@ def config_from_file(path: str | os.PathLike) -> PeftConfig:
     return config
 
 
-def read_config(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> PeftConfig:
+def config_path(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> str:
+    """Where the adapter's ``adapter_config.json`` is (a local file, or the Hub cache's copy)."""
     path = resolve_file(model_id, CONFIG_NAME, subfolder, required=True, **hub_kwargs)
-    where = os.path.join(str(model_id), subfolder or "")
     if path is None:
+        where = os.path.join(str(model_id), subfolder or "")
         raise AdapterFileError(f"{where}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
-    return config_from_file(path)
+    return path
+
+
+def read_config(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> PeftConfig:
+    return config_from_file(config_path(model_id, subfolder, **hub_kwargs))

@@ -14,7 +14,7 @@ from torch import nn
 from peftcore import serialization
 from peftcore.adapter_folder import write_text
 from peftcore.adapter_names import check_adapter_name
-from peftcore.config import PeftConfig, TaskType, read_config
+from peftcore.config import PeftConfig, TaskType, config_from_file, config_path
 from peftcore.files import AdapterFileError
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
@@ -390,8 +390,11 @@ class PeftModel(nn.Module):
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
         }
         subfolder = hub_kwargs.pop("subfolder", None)
+        check_adapter_name(adapter_name)
+        where = None
         if config is None:
-            config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
+            where = config_path(model_id, subfolder=subfolder, **hub_kwargs)
+            config = config_from_file(where)
         config.inference_mode = not is_trainable
         path = serialization.find_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
         weights = serialization.read_weights(path)
@@ -399,7 +402,8 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
         before = Bookkeeping(model)
-        peft_model = model_cls(model, config, adapter_name)
+        with _blamed_on(where, model):
+            peft_model = model_cls(model, config, adapter_name)
         try:
             peft_model._load_state_dict_into(config, adapter_name, weights, path)
         except BaseException:  # give the caller's model back as it came, not wrapped around a random adapter
@@ -426,14 +430,16 @@ class PeftModel(nn.Module):
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
         }
         subfolder = hub_kwargs.pop("subfolder", None)
-        config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
+        where = config_path(model_id, subfolder=subfolder, **hub_kwargs)
+        config = config_from_file(where)
         config.inference_mode = not is_trainable
         path = serialization.find_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
         weights = serialization.read_weights(path)
         # the tensors are loaded before a merged model is unmerged or any flag is settled
-        self._add_adapter(
-            adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
-        )
+        with _blamed_on(where, self.get_base_model()):
+            self._add_adapter(
+                adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
+            )
         if not is_trainable:
             self.eval()
 
@@ -458,6 +464,19 @@ class PeftModel(nn.Module):
                 "a file for another model or method?"
             )
         serialization.warn_load_report(missing, unexpected, where)
+
+
+@contextmanager
+def _blamed_on(config_file: str | None, model: nn.Module):
+    """Errors applying a config read from ``config_file`` name that file (those about the weights name theirs)."""
+    try:
+        yield
+    except AdapterFileError:
+        raise
+    except (ValueError, TypeError) as exc:
+        if config_file is None:
+            raise
+        raise AdapterFileError(f"{config_file}: cannot be applied to {type(model).__name__}: {exc}") from None
 
 
 def _check_modules_to_save(config: PeftConfig, model: nn.Module, task_heads) -> None:
