@@ -150,7 +150,9 @@ def merge_layer(layer: nn.Module, adapter_names: list[str], safe_merge: bool) ->
 
     The core's default calls ``layer.merge(...)``; answer first to merge a layer
     type differently (e.g. dequantise, call ``layer.merged_params(...)``,
-    re-quantise and report the error).
+    re-quantise and report the error). ``merge_adapter`` calls every layer's
+    ``check_merge`` before the first ``merge_layer``, so such a layer type also
+    overrides ``check_merge`` with its own dry run.
     """
 
 
