@@ -12,6 +12,7 @@ import math
 import warnings
 
 import pytest
+import torch
 
 from peftcore import AdapterFileError, PeftConfig, PeftModel
 from peftcore.plugins import methods
@@ -213,3 +214,72 @@ def test_get_peft_config_refuses_what_is_not_a_dict():
 
     with pytest.raises(AdapterFileError, match="a JSON object \\(dict\\), got list"):
         get_peft_config([("peft_type", "LORA")])
+
+
+# -- checked against the model ------------------------------------------------------------------------------
+
+
+def test_modules_to_save_must_name_a_module_except_the_tasks_usual_heads():
+    from peftcore import LoraConfig, get_peft_model
+
+    base, _ = tiny_model("bert")
+    with pytest.raises(ValueError, match=r"modules_to_save names \['clasifier'\], but BertForSequenceClassification"):
+        get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["clasifier"]))
+    assert not any("lora" in name for name, _ in base.named_modules())
+    # SEQ_CLS adds PEFT's usual heads, "classifier" and "score"; BERT has only the first, which is fine
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["pooler"]))
+    assert set(model.peft_config["default"].modules_to_save) == {"pooler", "classifier", "score"}
+
+
+# -- loading weights: what fits, what does not ---------------------------------------------------------------
+
+
+def _saved_lora(tmp_path):
+    from peftcore import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama")[0], LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def test_a_partly_matching_file_loads_with_peft_s_warning(tmp_path):
+    import safetensors.torch
+
+    folder = _saved_lora(tmp_path)
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    tensors["base_model.model.extra.weight"] = torch.zeros(2)
+    safetensors.torch.save_file(tensors, path)
+    with pytest.warns(UserWarning) as caught:
+        PeftModel.from_pretrained(tiny_model("llama")[0], folder)
+    messages = " ".join(str(w.message) for w in caught)
+    assert f"{path}: 1 adapter tensors missing from the file" in messages and "match nothing" in messages
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.int64, "int64"), (torch.bool, "bool"), (torch.uint8, "uint8"),
+                                             (torch.complex64, "complex64")])
+def test_tensors_that_cannot_be_weights_are_refused_naming_file_and_tensor(tmp_path, dtype, name):
+    import safetensors.torch
+
+    folder = _saved_lora(tmp_path)
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].to(dtype)
+    safetensors.torch.save_file(tensors, path)
+    with pytest.raises(AdapterFileError, match=rf"{path}: tensor '{key}' is {name}, but .* is float32"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], folder)
+
+
+def test_a_file_with_none_of_the_adapter_s_tensors_is_refused(tmp_path):
+    import safetensors.torch
+
+    folder = _saved_lora(tmp_path)
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    safetensors.torch.save_file({k.replace("q_proj", "k").replace("v_proj", "k2"): v for k, v in tensors.items()},
+                                path)
+    with pytest.raises(AdapterFileError, match=rf"{path}: none of its 8 tensors belongs to the LORA adapter"):
+        PeftModel.from_pretrained(tiny_model("llama")[0], folder)

@@ -524,3 +524,26 @@ def test_non_finite_inputs_and_weights_give_the_plain_paths_outputs(monkeypatch,
     fused, plain = (_forward(layer, x, monkeypatch, fast_on) for fast_on in (True, False))
     assert not torch.isfinite(plain).all()
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["input", "lora_A", "lora_B"])
+def test_non_finite_values_give_the_plain_paths_gradients(monkeypatch, where):
+    model = _build({}, (64, 64, 64), conv1d=False)
+    layer = model.base_model.model.c
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.no_grad():
+        if where == "input":
+            x[3, 5] = float("inf")
+        else:
+            {"lora_A": layer.lora_A, "lora_B": layer.lora_B}[where]["default"].weight[1, 2] = float("nan")
+    results = {}
+    for fast_on in (True, False):
+        monkeypatch.setenv("PEFTCORE_LORA_FAST", "1" if fast_on else "0")
+        layer.zero_grad()
+        x.grad = None
+        out = layer(x)
+        out.sum().backward()
+        results[fast_on] = (out.detach(), x.grad.clone(), layer.lora_A["default"].weight.grad.clone(),
+                            layer.lora_B["default"].weight.grad.clone())
+    for fused, plain in zip(results[True], results[False]):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5, equal_nan=True)
