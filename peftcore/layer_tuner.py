@@ -17,7 +17,7 @@ from peftcore.adapter_names import check_adapter_name
 from peftcore.layer import AdapterLayer
 from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from peftcore.plugins import hooks, layer_supports, method_for_config, pick_layer_support
-from peftcore.rollback import MergedWeights
+from peftcore.rollback import MergedWeights, Trainability
 from peftcore.walking import set_submodule, walk_modules
 
 WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)  # candidates for a new adapter never live inside one
@@ -245,7 +245,7 @@ class LayerTuner(nn.Module):
     @contextmanager
     def adapters_disabled(self):
         """Base outputs inside the block; afterwards the model is exactly as before (merged, frozen, ...)."""
-        trains = {param: param.requires_grad for param in self.parameters()}
+        trainability = Trainability(self)
         merged = MergedWeights(self)  # disabling unmerges (exact base outputs); the exit merges back, bit for bit
         active = self.active_adapters
         self.disable_adapter_layers()
@@ -255,9 +255,7 @@ class LayerTuner(nn.Module):
             self.enable_adapter_layers()  # re-activating makes the active adapters trainable ...
             if self.active_adapters == active:  # ... unless the block switched adapters itself, put back what was
                 merged.restore()
-                for param in self.parameters():
-                    if param in trains:
-                        param.requires_grad_(trains[param])
+                trainability.restore()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:

@@ -26,7 +26,7 @@ from peftcore.modules_to_save import (
 )
 from peftcore.plugins import hooks, method_for_config
 from peftcore.preparation import checkpointing_on, require_input_grads
-from peftcore.rollback import Bookkeeping, unchanged_on_failure
+from peftcore.rollback import Bookkeeping, Trainability, unchanged_on_failure
 from peftcore.walking import walk_modules
 
 
@@ -223,7 +223,7 @@ class PeftModel(nn.Module):
         # The active adapter stays named (active_peft_config works inside); only its effect is switched off.
         was_disabled, self._prompt_disabled = self._prompt_disabled, True
         wrappers = saved_module_wrappers(self.base_model)
-        trains = {param: param.requires_grad for param in self.parameters()}
+        trainability = Trainability(self)
         for wrapper in wrappers:
             wrapper.enable_adapters(False)
         try:
@@ -232,9 +232,7 @@ class PeftModel(nn.Module):
             self._prompt_disabled = was_disabled
             for wrapper in wrappers:
                 wrapper.enable_adapters(not was_disabled)
-            for param in self.parameters():  # enabling makes the active copies trainable; put back what was
-                if param in trains:
-                    param.requires_grad_(trains[param])
+            trainability.restore()  # enabling makes the active copies trainable; put back what was
 
     # -- parameters ------------------------------------------------------------------
 

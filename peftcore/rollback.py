@@ -24,18 +24,30 @@ _STATE_ATTRIBUTES = ("_active_adapter", "_disable_adapters", "_prompt_active", "
 _ABSENT = object()
 
 
-class Bookkeeping:
-    """Which parameters train, which adapters are active or disabled, train/eval modes, as they are now.
+class Trainability:
+    """Which parameters train, recorded at a cost that stays the same with 2 or 16 adapters.
 
-    Recording costs the same with 2 or 16 adapters: the walk skips the per-adapter holders
-    of adapter layers and records the parameters of their *active* adapters only. Inactive
-    adapters are frozen by construction (every path that deactivates one freezes it, and no
-    operation unfreezes one without making it active), so there is nothing to put back there.
+    The walk skips the per-adapter holders of adapter layers and records the parameters of
+    their *active* adapters only. Inactive adapters are frozen by construction (every path
+    that deactivates one freezes it, and no operation unfreezes one without making it
+    active), so there is nothing to put back there.
     """
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module] | None = None):
+        modules = [module for _, module in walk_modules(model)] if modules is None else modules
+        self.trains = [(p, p.requires_grad) for p in _recorded_parameters(modules)]
+
+    def restore(self) -> None:
+        for param, trains in self.trains:
+            param.requires_grad_(trains)
+
+
+class Bookkeeping:
+    """Trainability, which adapters are active or disabled, and train/eval modes, as they are now."""
 
     def __init__(self, model: nn.Module):
         modules = [module for _, module in walk_modules(model)]
-        self.trains = [(p, p.requires_grad) for p in _recorded_parameters(modules)]
+        self.trainability = Trainability(model, modules)
         self.modes = [(m, m.training) for m in modules]
         self.attributes = [
             (m, name, list(value) if isinstance(value, list) else value)
@@ -43,8 +55,7 @@ class Bookkeeping:
         ]
 
     def restore(self) -> None:
-        for param, trains in self.trains:
-            param.requires_grad_(trains)
+        self.trainability.restore()
         for module, training in self.modes:
             module.training = training
         for module, name, value in self.attributes:

@@ -227,3 +227,20 @@ def test_a_failed_from_pretrained_gives_the_base_model_back(adapter_folder, tmp_
         PeftModel.from_pretrained(base, folder)
     assert_unchanged(before, record(base, inputs))
     assert [type(m) for m in base.modules()] == [type(m) for m in pristine.modules()]
+
+
+def test_a_prompt_learning_model_is_put_back_too(tmp_path):
+    from peftcore import PromptTuningConfig
+
+    base, inputs = tiny_model("bert")
+    model = get_peft_model(base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    model.save_pretrained(tmp_path / "saved")
+    model.set_adapter("default", inference_mode=True)  # frozen: neither the prompt nor the classifier copy trains
+    before = record(model, inputs)
+    with model.disable_adapter():
+        pass
+    assert_unchanged(before, record(model, inputs))
+    bad = _copy_folder(tmp_path / "saved", tmp_path, **BAD_FOLDERS["integer tensors"])
+    with pytest.raises(AdapterFileError, match="is int32"):
+        model.load_adapter(bad, adapter_name="other", is_trainable=True)
+    assert_unchanged(before, record(model, inputs))
