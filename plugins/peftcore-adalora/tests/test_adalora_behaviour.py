@@ -358,7 +358,8 @@ def test_a_rank_pattern_that_does_not_fit_the_model_is_reported(tmp_path):
     config = json.loads(config_path.read_text())
     config["rank_pattern"] = {"bert.encoder.layer.0.attention.self.query.lora_E": [True, False]}
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"query: rank_pattern has 2 entries .* rank 4"):
+    message = r"adapter_config.json: AdaLoraConfig: rank_pattern\[.*query.lora_E'\] has 2 entries but init_r is 4"
+    with pytest.raises(peftcore.AdapterFileError, match=message):
         peftcore.PeftModel.from_pretrained(tiny_model("bert")[0], tmp_path)
 
 
