@@ -84,6 +84,24 @@ def write_text(folder: str | os.PathLike, name: str, text: str) -> None:
     write_files(folder, {name: text_writer(text)})
 
 
+def adapter_subfolder(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """Where ``save_pretrained`` writes an adapter: the folder itself (``default``), or a sub-folder inside it.
+
+    Names cannot hold separators (peftcore.adapter_names), but a sub-folder may be a
+    link: the check is made on the resolved paths, before anything is written.
+    """
+    root = Path(save_directory).resolve()
+    if adapter_name == "default":
+        return root
+    folder = (root / adapter_name).resolve()
+    if folder == root or root not in folder.parents:
+        raise ValueError(
+            f"save_pretrained: adapter {adapter_name!r} would be written to {folder}, outside {root} "
+            f"({root / adapter_name} is a link); remove the link or save elsewhere"
+        )
+    return folder
+
+
 def _apply(folder: Path, record: dict) -> None:
     """Step 4: move the committed files into place; safe to run again after a crash in the middle."""
     for name, staged_name in record["files"].items():

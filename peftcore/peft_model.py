@@ -6,13 +6,12 @@ import os
 import warnings
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from peftcore import serialization
-from peftcore.adapter_folder import write_text
+from peftcore.adapter_folder import adapter_subfolder, write_text
 from peftcore.adapter_names import check_adapter_name
 from peftcore.config import PeftConfig, TaskType, config_from_file, config_path
 from peftcore.files import AdapterFileError
@@ -20,6 +19,7 @@ from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
 from peftcore.modules_to_save import (
     ModulesToSaveWrapper,
+    check_modules_to_save,
     saved_module_wrappers,
     unwrap_modules_to_save,
     wrap_modules_to_save,
@@ -66,7 +66,7 @@ class PeftModel(nn.Module):
                 or None
             )
         task_heads = TASK_HEADS.get(str(config.task_type) if config.task_type else None)
-        _check_modules_to_save(config, model, task_heads or ())
+        check_modules_to_save(model, getattr(config, "modules_to_save", None), ignore=task_heads or ())
         if task_heads and hasattr(config, "modules_to_save"):
             current = list(config.modules_to_save or [])
             config.modules_to_save = current + [n for n in task_heads if n not in current]
@@ -159,9 +159,7 @@ class PeftModel(nn.Module):
 
     def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None) -> None:
         """``add_adapter``, with ``fill()`` run once the adapter exists but before anything else changes."""
-        check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
+        self._check_new_name(adapter_name)
         existing = next(iter(self.peft_config.values()), None)
         if existing is not None and existing.peft_type != peft_config.peft_type:
             raise ValueError(
@@ -184,6 +182,11 @@ class PeftModel(nn.Module):
                     raise
         if getattr(peft_config, "modules_to_save", None):
             self.modules_to_save = (self.modules_to_save or set()) | set(peft_config.modules_to_save)
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter (layer methods: or a list of them); it trains unless
@@ -367,7 +370,7 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
-        folders = {name: _adapter_folder(save_directory, name) for name in names}  # all checked before any write
+        folders = {name: adapter_subfolder(save_directory, name) for name in names}  # all checked before any write
         for name in names:
             config = self.peft_config[name]
             with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
@@ -421,9 +424,7 @@ class PeftModel(nn.Module):
         **kwargs,
     ) -> None:
         """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
-        check_adapter_name(adapter_name)  # before reading any file
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
+        self._check_new_name(adapter_name)  # before reading any file
         hub_kwargs = {
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
         }
@@ -475,38 +476,6 @@ def _blamed_on(config_file: str | None, model: nn.Module):
         if config_file is None:
             raise
         raise AdapterFileError(f"{config_file}: cannot be applied to {type(model).__name__}: {exc}") from None
-
-
-def _check_modules_to_save(config: PeftConfig, model: nn.Module, task_heads) -> None:
-    """Each name the user put in ``modules_to_save`` must name a module (the task's usual heads may be absent)."""
-    asked = [n for n in getattr(config, "modules_to_save", None) or () if n not in task_heads]
-    if not asked:
-        return
-    keys = [key for key, _ in walk_modules(model)]
-    absent = [n for n in asked if not any(key == n or key.endswith(f".{n}") for key in keys)]
-    if absent:
-        raise ValueError(
-            f"modules_to_save names {absent}, but {type(model).__name__} has no module of that name (a name matches "
-            "a module's dotted path or its last parts, e.g. 'classifier' or 'pooler.dense')"
-        )
-
-
-def _adapter_folder(save_directory: str | os.PathLike, adapter_name: str) -> Path:
-    """Where ``save_pretrained`` writes an adapter: the folder itself, or a sub-folder that stays inside it.
-
-    Names cannot hold separators (peftcore.adapter_names), but a sub-folder may be a
-    symlink: the check is made on the resolved paths.
-    """
-    root = Path(save_directory).resolve()
-    if adapter_name == "default":
-        return root
-    folder = (root / adapter_name).resolve()
-    if folder == root or root not in folder.parents:
-        raise ValueError(
-            f"save_pretrained: adapter {adapter_name!r} would be written to {folder}, outside {root} "
-            f"({root / adapter_name} is a link); remove the link or save elsewhere"
-        )
-    return folder
 
 
 def _model_card(model: PeftModel) -> str:
