@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from peftcore import serialization
+from peftcore import member_adapters, serialization
 from peftcore.config import PeftConfig, TaskType, read_config, write_config
 from peftcore.files import write_text_atomic
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
@@ -160,12 +160,14 @@ class PeftModel(nn.Module):
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
-        existing = next(iter(self.peft_config.values()), None)
-        if existing is not None and existing.peft_type != peft_config.peft_type:
-            raise ValueError(
-                f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
-                "one PeftModel holds adapters of one method"
-            )
+        method = method_for_config(peft_config)
+        for existing in self.peft_config.values():
+            if not method.can_share_a_model_with(method_for_config(existing)):
+                raise ValueError(
+                    f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
+                    "one PeftModel holds adapters of one method (or of methods that build on one another, such as "
+                    "FUSION on LORA)"
+                )
         self._prepare_config(peft_config, self.get_base_model())
         if self._uses_layers:
             # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
@@ -383,6 +385,11 @@ class PeftModel(nn.Module):
         model_cls = cls
         if cls is PeftModel and config.task_type is not None:
             model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
+        if member_adapters.member_names(config):  # it builds on other adapters: those come first
+            return member_adapters.from_pretrained(
+                model_cls, model, member_adapters.local_folder(model_id, subfolder), adapter_name, config,
+                is_trainable, allow_pickle=allow_pickle, **{k: v for k, v in kwargs.items() if k != "subfolder"},
+            )
         peft_model = model_cls(model, config, adapter_name)
         peft_model._load_state_dict_into(config, adapter_name, weights, str(model_id))
         if not is_trainable:
@@ -405,11 +412,21 @@ class PeftModel(nn.Module):
         config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
-        self.add_adapter(adapter_name, config)
+        members = member_adapters.load_missing_members(
+            self, member_adapters.local_folder(model_id, subfolder), config, allow_pickle=allow_pickle,
+            **{k: v for k, v in kwargs.items() if k != "subfolder"},
+        )
+        try:
+            self.add_adapter(adapter_name, config)
+        except Exception:
+            for name in members:
+                self.delete_adapter(name)
+            raise
         try:
             self._load_state_dict_into(config, adapter_name, weights, str(model_id))
         except Exception:
-            self.delete_adapter(adapter_name)
+            for name in [adapter_name, *members]:
+                self.delete_adapter(name)
             raise
         if not is_trainable:
             self.eval()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peftcore import LayerConfig
+from peftcore.config import united
 
 # PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (peft 0.21).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -159,6 +161,13 @@ class AdaLoraConfig(LayerConfig):
             raise ValueError(f"AdaLoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.rank_pattern is not None:
             self._check_rank_pattern()
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "AdaLoraConfig":
+        """A frozen AdaLoRA adapter of rank ``rank`` everywhere (no allocation: one trainable adapter per model)."""
+        return dataclasses.replace(
+            self, init_r=rank, target_r=rank, rank_pattern=None, inference_mode=True, init_lora_weights=False,
+            target_modules=united([s.target_modules for s in sources], "target_modules"),
+        )
 
     def _check_schedule(self) -> None:
         for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
