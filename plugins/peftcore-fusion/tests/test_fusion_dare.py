@@ -43,8 +43,8 @@ def test_dare_keeps_a_density_fraction_and_rescales_by_its_inverse(combination_t
     model.add_weighted_adapter(["default", "zero"], [0.5, 1.0], "mix", combination_type=combination_type,
                                density=DENSITY, seed=3)
     root = (0.5 * layer.scaling["default"]) ** 0.5  # PEFT's weight on each factor: sqrt(w * s)
-    for mine, source in ((layer.lora_A, layer.lora_A["default"].weight), (layer.lora_B, layer.lora_B["default"].weight)):
-        merged = mine["mix"].weight.detach()
+    for holder in (layer.lora_A, layer.lora_B):
+        merged, source = holder["mix"].weight.detach(), holder["default"].weight
         kept = merged != 0
         n = kept.numel()
         assert abs(kept.float().mean().item() - DENSITY) < 4 * (DENSITY * (1 - DENSITY) / n) ** 0.5  # 4 sigma
