@@ -49,24 +49,40 @@ def on_factors(kind: str, deltas: list[LowRankDelta], weights: list[float], **en
     return up.to(deltas[0].up.dtype), down.to(deltas[0].down.dtype)
 
 
+def _householder(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Householder QR of ``columns`` (m, n): (reflectors, tau, R) with R (min(m, n), n); Q stays implicit."""
+    reflectors, tau = torch.geqrf(columns)
+    return reflectors, tau, reflectors[: min(columns.shape)].triu()
+
+
+def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Q[:, :len(top)] @ top, through the reflectors (never forming Q)."""
+    padded = top.new_zeros(reflectors.shape[0], top.shape[1])
+    padded[: top.shape[0]] = top
+    return torch.ormqr(reflectors, tau, padded)
+
+
 def factored_svd(deltas: list[LowRankDelta], weights: list[float], rank: int, driver: str | None = None):
     """(up, down, singular values) of the best rank-``rank`` approximation of Σ wᵢ·ΔWᵢ, without forming ΔW.
 
-    With ``U = [up₁ … upₙ] = Q₁R₁`` and ``Dᵀ = [w₁s₁down₁; …]ᵀ = Q₂R₂`` (thin QR),
+    With ``U = [up₁ … upₙ] = Q₁R₁`` and ``Dᵀ = [w₁s₁down₁; …]ᵀ = Q₂R₂`` (Householder QR),
     ΔW = Q₁ (R₁R₂ᵀ) Q₂ᵀ; the SVD ``R₁R₂ᵀ = Uc·S·Vcᵀ`` of the (Σrᵢ)² core gives
     ΔW's singular values S and vectors Q₁Uc, Q₂Vc. Returns up = Q₁Uc[:, :k]·S[:k] and
-    down = Vcᵀ[:k]·Q₂ᵀ (PEFT's convention: S on the up side).
+    down = Vcᵀ[:k]·Q₂ᵀ (PEFT's convention: S on the up side). Q₁ and Q₂ are applied as
+    reflectors and each stacked copy is dropped once factored, so the peak memory stays
+    near the adapters' own (bench/fusion_svd.py measures it).
     """
-    ups, downs = stacked_factors(deltas, weights)
-    dtype = _compute_dtype(ups)
-    q_up, r_up = torch.linalg.qr(ups.to(dtype))
-    del ups  # the stacked copy is not needed once factored: peak memory stays near the adapters' own
-    q_down, r_down = torch.linalg.qr(downs.to(dtype).T)
+    dtype = _compute_dtype(deltas[0].up)
+    downs = torch.cat([d.down.to(dtype) * (w * d.scale) for d, w in zip(deltas, weights)], dim=0)
+    down_reflectors, down_tau, r_down = _householder(downs.T)
     del downs
+    ups = torch.cat([d.up.to(dtype) for d in deltas], dim=1)
+    up_reflectors, up_tau, r_up = _householder(ups)
+    del ups
     core_u, singular, core_vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False, driver=driver)
     k = min(rank, singular.numel())
-    up = q_up @ (core_u[:, :k] * singular[:k])
-    down = core_vh[:k] @ q_down.T
+    up = _apply_q(up_reflectors, up_tau, core_u[:, :k] * singular[:k])
+    down = _apply_q(down_reflectors, down_tau, core_vh[:k].T).T
     return up, down, singular
 
 
