@@ -130,17 +130,17 @@ def markdown(report: dict) -> str:
         f"{THREADS} thread; time = the merge alone; peak = peak RSS during the merge above the RSS before it "
         "(adapters already loaded).",
         "",
-        "| | time: median (min - max) | / factored | peak memory: median (min - max) | / adapters' memory | "
+        "| | n | time: median (min - max) | / factored | peak memory: median (min - max) | / adapters' memory | "
         "agrees with dense |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     factored_time = statistics.median(r["seconds"] for r in res["factored"])
     adapter_mib = res["factored"][0]["adapter_mib"]
     for way in WAYS:
         t, t_lo, t_hi = _summary([r["seconds"] for r in res[way]])
         m, m_lo, m_hi = _summary([r["peak_mib"] for r in res[way]])
-        lines.append(f"| {way} | {t:.2f} s ({t_lo:.2f} - {t_hi:.2f}) | {t / factored_time:.1f}x | {m:.0f} MiB "
-                     f"({m_lo:.0f} - {m_hi:.0f}) | {m / adapter_mib:.2f}x | {report['agreement'][way]:.1e} |")
+        lines.append(f"| {way} | {len(res[way])} | {t:.2f} s ({t_lo:.2f} - {t_hi:.2f}) | {t / factored_time:.1f}x | "
+                     f"{m:.0f} MiB ({m_lo:.0f} - {m_hi:.0f}) | {m / adapter_mib:.2f}x | {report['agreement'][way]:.1e} |")
     lines += ["", f"The adapters themselves hold {adapter_mib:.1f} MiB. \"agrees with dense\": the largest relative "
               "difference from the dense result in the top singular values and in the merged product applied to a "
               "probe. Time ratios are quotients of medians over all repetitions.", ""]
@@ -151,6 +151,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=WAYS)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--full-reps", type=int, help="repetitions of the slowest way, dense [default: --reps]")
     parser.add_argument("--json")
     parser.add_argument("--markdown", help="write the section to this file (replacing a previous one)")
     args = parser.parse_args(argv)
@@ -159,8 +160,11 @@ def main(argv=None) -> None:
         return
     started, load_before = datetime.datetime.now().isoformat(timespec="seconds"), os.getloadavg()
     results: dict[str, list[dict]] = {way: [] for way in WAYS}
+    full_reps = args.reps if args.full_reps is None else args.full_reps
     for rep in range(args.reps):
         for way in WAYS:
+            if way == "dense" and rep >= full_reps:
+                continue
             results[way].append(_run_worker(way))
             print(f"rep {rep + 1}/{args.reps} {way:<14} {results[way][-1]['seconds']:7.2f} s  "
                   f"{results[way][-1]['peak_mib']:7.0f} MiB  (load {os.getloadavg()[0]:.1f})", flush=True)

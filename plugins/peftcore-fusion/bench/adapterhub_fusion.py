@@ -95,6 +95,7 @@ def main(argv=None) -> None:
         model.add_classification_head(task, num_labels=len(splits[task]["labels"]))
         model.train_adapter(task)  # freezes the model; the adapter and its head train
         rows[f"bottleneck adapter on {task}"] = train_and_eval(model, task)
+        (args.out / task).mkdir(parents=True, exist_ok=True)
         model.save_adapter(str(args.out / task), task)
         print(task, rows[f"bottleneck adapter on {task}"], flush=True)
     model = fresh()

@@ -199,7 +199,7 @@ def main(argv=None) -> None:
                      "command": "python plugins/peftcore-fusion/bench/real_tasks.py " + " ".join(
                          argv if argv is not None else sys.argv[1:])}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        args.json.write_text(json.dumps(report, indent=1, default=str))
     text = markdown(report)
     print(text)
     if args.markdown:

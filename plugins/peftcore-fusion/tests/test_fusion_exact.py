@@ -119,3 +119,19 @@ def test_svd_clamp_clamps_both_factors_at_the_quantile(tmp_path):
         torch.testing.assert_close(float64_delta(layer, "clamped"), expected, rtol=0,
                                    atol=1e-5 * expected.abs().max().item())
         assert not torch.allclose(expected, up @ down, atol=1e-3)  # the clamp did bite
+
+
+def test_rslora_adapters_combine_exactly_where_peft_is_off_by_the_root_of_the_rank(tmp_path):
+    """PEFT writes the combined factors into an adapter whose rsLoRA scale is r/√r = √r, not 1; peftcore divides."""
+    from fusion_helpers import peft_layers
+
+    theirs, ours, _ = paired_models("llama", tmp_path, use_rslora=True)
+    names = ["default", "b", "c"]
+    for model in (theirs, ours):
+        model.add_weighted_adapter(names, WEIGHTS, "cat", combination_type="cat")
+    theirs_by_key = peft_layers(theirs)
+    for key, layer in our_layers(ours).items():
+        exact = sum(w * float64_delta(layer, a) for a, w in zip(names, WEIGHTS))
+        torch.testing.assert_close(float64_delta(layer, "cat"), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
+        peft_delta = theirs_by_key[key].get_delta_weight("cat").double()
+        torch.testing.assert_close(peft_delta, exact * 12 ** 0.5, rtol=0, atol=1e-5 * exact.abs().max().item())
