@@ -140,7 +140,8 @@ def markdown(report: dict) -> str:
         t, t_lo, t_hi = _summary([r["seconds"] for r in res[way]])
         m, m_lo, m_hi = _summary([r["peak_mib"] for r in res[way]])
         lines.append(f"| {way} | {len(res[way])} | {t:.2f} s ({t_lo:.2f} - {t_hi:.2f}) | {t / factored_time:.1f}x | "
-                     f"{m:.0f} MiB ({m_lo:.0f} - {m_hi:.0f}) | {m / adapter_mib:.2f}x | {report['agreement'][way]:.1e} |")
+                     f"{m:.0f} MiB ({m_lo:.0f} - {m_hi:.0f}) | {m / adapter_mib:.2f}x | "
+                     f"{report['agreement'][way]:.1e} |")
     lines += ["", f"The adapters themselves hold {adapter_mib:.1f} MiB. \"agrees with dense\": the largest relative "
               "difference from the dense result in the top singular values and in the merged product applied to a "
               "probe. Time ratios are quotients of medians over all repetitions.", ""]
