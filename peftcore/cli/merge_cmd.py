@@ -81,6 +81,7 @@ def first_output(model, inputs) -> torch.Tensor:
 def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | None) -> None:
     """Merge the adapter in ADAPTER into its base model and save a plain transformers model (+ tokenizer)."""
     from peftcore.config import read_config
+    from peftcore.member_adapters import member_names
     from peftcore.plugins import get_method
     from peftcore.serialization import load_weights
 
@@ -90,6 +91,11 @@ def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | No
         weights = load_weights(adapter)
     if out.resolve() == adapter.resolve():
         raise CliError("--out is the adapter folder; the merged model needs a folder of its own", "pass another --out")
+    members = member_names(config)
+    if members:
+        raise CliError(f"{adapter} holds a {config.peft_type} adapter built on adapters {members}; its output depends "
+                       "on theirs and on the input, so it has no weight change to fold into the base model",
+                       "merge one of its member adapters, or combine them with `peftcore fuse`")
     if get_method(config.peft_type).kind != "layer":
         raise CliError(f"{config.peft_type} adapters edit the model's inputs and have no weights to merge",
                        "load them with PeftModel.from_pretrained instead")

@@ -133,6 +133,10 @@ def test_apply_fusion_trains_over_adapter_folders_and_saves_a_folder_that_reload
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "FUSION" and config["adapters"] == ["spam", "topics"]
     assert (out / "spam" / "adapter_config.json").is_file() and (out / "topics" / "adapter_model.safetensors").is_file()
+    info = run("info", out, "--json")
+    assert info.exit_code == 0, info.output
+    assert_user_error(run("merge", out, "--out", tmp_path / "merged"), "built on adapters ['spam', 'topics']",
+                      "hint: merge one of its member adapters")
 
 
 def test_apply_fusion_with_a_missing_folder_is_a_user_error(bert, tmp_path):
