@@ -257,3 +257,19 @@ def test_fusion_over_adalora_members_is_uniform_when_flat():
     expected = _logits(model, inputs)
     model.set_adapter("fusion")
     torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_fusion_over_embedding_members_is_uniform_when_flat():
+    base, inputs = tiny_model("llama")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens"]), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["embed_tokens"]))
+    with torch.no_grad():  # both embedding adapters get values (A starts at zero)
+        for key, param in model.named_parameters():
+            if ".lora_embedding_" in key:
+                param.normal_(0, 0.5)
+    model.add_adapter("fusion", FusionConfig(adapters=["a", "b"], init_std=0.0))
+    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "average", combination_type="task_arithmetic")
+    model.set_adapter("average")
+    expected = _logits(model, inputs)
+    model.set_adapter("fusion")
+    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
