@@ -57,17 +57,22 @@ def paired_models(arch: str, tmp_path, ranks=(4, 4, 4), alphas=(8, 4, 16), **lor
             theirs = peft.get_peft_model(base, config)
         else:
             theirs.add_adapter(name, config)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, param in theirs.named_parameters():
-            if "lora_" in key:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    randomize_adapters(theirs, seed=1, scale=0.5)
     theirs.save_pretrained(tmp_path)
     ours_base, _ = base_model(arch)
     ours = peftcore.PeftModel.from_pretrained(ours_base, tmp_path)
     for name in names[1:]:
         ours.load_adapter(tmp_path / name, name)
     return theirs.eval(), ours.eval(), inputs
+
+
+def randomize_adapters(model, seed: int, scale: float, marker: str = "lora_") -> None:
+    """Random values in every adapter tensor whose name contains ``marker`` (fresh LoRA B's are zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if marker in key:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def peft_layers(model) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from peftcore import LoraConfig, PeftModel, get_peft_model
 from peftcore.cli import main
-from peftcore.testing import perturb
+from peftcore.testing import labelled_csv, perturb
 
 
 @pytest.fixture(scope="module")
@@ -107,23 +106,11 @@ def test_fuse_refuses_mismatched_bases_targets_and_ranks_naming_the_adapters(ber
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 3, 4, 5))
 
 
-def _spam_csv(path: Path, n: int = 40) -> Path:
-    from peftcore.cli import datasets
-
-    data = datasets.load_dataset("sms-spam")
-    train, _ = datasets.split(data, n, 0, seed=1, balanced=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["message", "label"])
-        writer.writerows(zip(train.texts, [data.label_names[y] for y in train.labels]))
-    return path
-
-
 def test_apply_fusion_trains_over_adapter_folders_and_saves_a_folder_that_reloads(bert, tmp_path):
     two, six = _adapter(bert, tmp_path / "spam", 2, 1), _adapter(bert, tmp_path / "topics", 6, 2)
     out = tmp_path / "fusion"
     result = run("apply", "fusion", "--model", bert, "--adapters", f"{two},{six}", "--dataset",
-                 _spam_csv(tmp_path / "spam.csv"), "--epochs", "1", "--n-test", "8", "--out", out, "--json")
+                 labelled_csv(tmp_path / "spam.csv", 40), "--epochs", "1", "--n-test", "8", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["members"] == {"spam": str(two), "topics": str(six)}

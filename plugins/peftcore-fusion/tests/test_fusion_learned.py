@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from fusion_helpers import randomize_adapters
 from safetensors.torch import load_file
 
 from peftcore import AdaLoraConfig, FusionConfig, FusionLayer, LoraConfig, PeftModel, get_peft_model
@@ -25,11 +26,7 @@ def _members(arch="llama", ranks=(4, 2, 3), task_type=None):
             model = get_peft_model(base, config, adapter_name=name)
         else:
             model.add_adapter(name, config)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if ".lora_" in key:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    randomize_adapters(model, seed=4, scale=0.3)
     return model.eval(), inputs
 
 
@@ -45,14 +42,9 @@ def _fusion_layers(model):
 def test_a_fresh_fusion_with_flat_attention_is_the_average_of_its_members():
     """Q = K = 0 gives uniform attention and V = I: exactly task arithmetic with weights 1/3 (a linear delta)."""
     model, inputs = _members()
-    model.add_adapter("fusion", FusionConfig(adapters=MEMBERS, init_std=0.0))
-    model.add_weighted_adapter(MEMBERS, [1 / 3] * 3, "average", combination_type="task_arithmetic")
+    _flat_fusion_is_the_average(model, inputs, MEMBERS)
     for _, layer in _fusion_layers(model):
         torch.testing.assert_close(layer.fusion_value["fusion"].weight, torch.eye(layer.features), atol=0, rtol=0)
-    model.set_adapter("average")
-    expected = _logits(model, inputs)
-    model.set_adapter("fusion")
-    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
 
 
 def test_the_fusion_layer_computes_adapterfusion_attention():
@@ -243,33 +235,27 @@ def test_classification_fusion_trains_its_own_head_and_reloads(tmp_path):
     torch.testing.assert_close(_logits(loaded, inputs), expected, atol=1e-6, rtol=0)
 
 
-def test_fusion_over_adalora_members_is_uniform_when_flat():
-    base, inputs = tiny_model("bert")
-    model = get_peft_model(base, AdaLoraConfig(init_r=4, target_r=4, total_step=10, inference_mode=True), "a")
-    model.add_adapter("b", AdaLoraConfig(init_r=2, target_r=2, total_step=10, inference_mode=True))
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if ".lora_" in key:
-                param.normal_(0, 0.5)
-    model.add_adapter("fusion", FusionConfig(adapters=["a", "b"], init_std=0.0))
-    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "average", combination_type="task_arithmetic")
+def _flat_fusion_is_the_average(model, inputs, names) -> None:
+    """A fusion with Q = K = 0 (uniform attention) and V = I gives the members' mean (task arithmetic, 1/n)."""
+    model.add_adapter("fusion", FusionConfig(adapters=names, init_std=0.0))
+    model.add_weighted_adapter(names, [1 / len(names)] * len(names), "average", combination_type="task_arithmetic")
     model.set_adapter("average")
     expected = _logits(model, inputs)
     model.set_adapter("fusion")
     torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_fusion_over_adalora_members_is_uniform_when_flat():
+    base, inputs = tiny_model("bert")
+    model = get_peft_model(base, AdaLoraConfig(init_r=4, target_r=4, total_step=10, inference_mode=True), "a")
+    model.add_adapter("b", AdaLoraConfig(init_r=2, target_r=2, total_step=10, inference_mode=True))
+    randomize_adapters(model, seed=6, scale=0.5, marker=".lora_")
+    _flat_fusion_is_the_average(model, inputs, ["a", "b"])
 
 
 def test_fusion_over_embedding_members_is_uniform_when_flat():
     base, inputs = tiny_model("llama")
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens"]), "a")
     model.add_adapter("b", LoraConfig(r=2, target_modules=["embed_tokens"]))
-    with torch.no_grad():  # both embedding adapters get values (A starts at zero)
-        for key, param in model.named_parameters():
-            if ".lora_embedding_" in key:
-                param.normal_(0, 0.5)
-    model.add_adapter("fusion", FusionConfig(adapters=["a", "b"], init_std=0.0))
-    model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "average", combination_type="task_arithmetic")
-    model.set_adapter("average")
-    expected = _logits(model, inputs)
-    model.set_adapter("fusion")
-    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+    randomize_adapters(model, seed=6, scale=0.5, marker=".lora_embedding_")  # A starts at zero for embeddings
+    _flat_fusion_is_the_average(model, inputs, ["a", "b"])
