@@ -320,8 +320,11 @@ class LayerTuner(nn.Module):
 
 def check_methods_can_share(method, configs: dict, adapter_name: str) -> None:
     """Refuse a ``method`` adapter beside adapters (``configs``) of a method it cannot share a model with."""
+    seen = {}  # one check per method present, not per adapter: adding stays flat in the number of adapters
     for existing_name, existing in configs.items():
-        other = method_for_config(existing)
+        seen.setdefault(existing.peft_type, existing_name)
+    for peft_type, existing_name in seen.items():
+        other = methods()[peft_type] if peft_type in methods() else method_for_config(configs[existing_name])
         if not method.can_share_a_model_with(other):
             raise ValueError(
                 f"Cannot add a {method.peft_type} adapter {adapter_name!r} next to the {other.peft_type} adapter "

@@ -161,7 +161,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
         method = method_for_config(peft_config)
-        for existing in self.peft_config.values():
+        for existing in {c.peft_type: c for c in self.peft_config.values()}.values():  # one check per method
             if not method.can_share_a_model_with(method_for_config(existing)):
                 raise ValueError(
                     f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
