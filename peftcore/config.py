@@ -145,6 +145,30 @@ class LayerConfig(PeftConfig):
             raise ConfigError(f"{owner}: layers_pattern cannot be used when target_modules is a regex string",
                               "layers_pattern", self.layers_pattern)
 
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> LayerConfig:
+        """The config of a new adapter built from the adapters of ``sources`` (``self`` is ``sources[0]``).
+
+        What ``add_weighted_adapter`` asks a method for (part of the combining contract, with
+        ``AdapterLayer.low_rank_delta``): this config's settings, targets united over
+        ``sources`` (:func:`united`), every module at ``rank`` (low-rank methods; None
+        for others), an initialisation that touches no base weight, and nothing trained
+        beyond the adapter itself. A method without one cannot have its adapters combined.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no combined_config: its adapters cannot be combined")
+
+
+def united(values: list, what: str):
+    """PEFT's rule for the targets of a combined adapter: sets united, regex strings joined into one alternation."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"Cannot combine adapters whose {what} mix a regex string and a list of names: {values}")
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if isinstance(present[0], str):
+        return present[0] if len(set(present)) == 1 else "|".join(f"({v})" for v in present)
+    return set().union(*present)
+
 
 def json_ready(value: Any) -> Any:
     """Sets become sorted lists and enums their values, as in PEFT's files."""

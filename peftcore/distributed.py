@@ -24,6 +24,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from peftcore.walking import walk_modules
+
 
 def _dtensor_class():
     try:
@@ -116,7 +118,9 @@ def refuse_fsdp1_load(model: nn.Module) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:
         return
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+    # the root and the blocks are wrapped wherever FSDP1 is used: a walk that skips the per-adapter
+    # holders finds them, and keeps loading flat in the number of adapters the model holds
+    if any(isinstance(m, FullyShardedDataParallel) for _, m in walk_modules(model)):
         raise RuntimeError(
             "cannot load adapter weights into a model wrapped by FSDP1 (FullyShardedDataParallel): load them before "
             "wrapping (PeftModel.from_pretrained / load_adapter, then accelerator.prepare), or shard with FSDP2 "

@@ -16,7 +16,7 @@ from peftcore import matching
 from peftcore.adapter_names import check_adapter_name
 from peftcore.layer import AdapterLayer
 from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
-from peftcore.plugins import hooks, layer_supports, method_for_config, pick_layer_support
+from peftcore.plugins import hooks, layer_supports, method_for_config, methods, pick_layer_support
 from peftcore.rollback import MergedWeights, Trainability
 from peftcore.walking import set_submodule, walk_modules
 
@@ -66,12 +66,7 @@ class LayerTuner(nn.Module):
         """
         check_adapter_name(adapter_name)
         method = method_for_config(config)
-        for existing_name, existing in self.peft_config.items():
-            if existing.peft_type != config.peft_type:
-                raise ValueError(
-                    f"Cannot add a {config.peft_type} adapter {adapter_name!r} next to the {existing.peft_type} "
-                    f"adapter {existing_name!r}: one model holds adapters of one method"
-                )
+        check_methods_can_share(method, self.peft_config, adapter_name)
         hooks.prepare_config(config=config, model=self.model)
         self.peft_config[adapter_name] = config
         try:
@@ -106,12 +101,9 @@ class LayerTuner(nn.Module):
             if not hooks.is_target_module(config=config, module_name=key, module=target, model=self.model):
                 continue
             matched += 1
-            if isinstance(target, AdapterLayer):
-                if target.peft_type != method.peft_type:
-                    raise ValueError(
-                        f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top"
-                    )
-                target.create_adapter(adapter_name, config, module_name=key)
+            if isinstance(target, AdapterLayer) and target.peft_type not in method.builds_on:
+                own_layer = _own_layer(target, method, key)
+                own_layer.create_adapter(adapter_name, config, module_name=key)
                 continue
             support = pick_layer_support(method.peft_type, target, config)
             if support is None:
@@ -120,6 +112,7 @@ class LayerTuner(nn.Module):
                     f"Target module {key} is a {type(target).__module__}.{type(target).__name__}, which {method.name} "
                     f"cannot wrap; supported layer types: {', '.join(known) or 'none'}"
                 )
+            # a plain module, or a layer of a method this one builds on (which the wrapper then holds)
             wrapper = support.factory(target, adapter_name, config, key)
             # wrappers written for hookspec 1 may leave both to the core
             wrapper.module_name = key
@@ -144,8 +137,8 @@ class LayerTuner(nn.Module):
         for key, layer in self.adapter_layers():
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
-            if not layer.adapter_names:
-                set_submodule(self.model, key, layer.get_base_layer())
+            if not layer.adapter_names:  # one level only: a layer it wraps may hold other adapters
+                set_submodule(self.model, key, layer.base_layer)
         for key, wrapper in self.saved_module_wrappers():
             wrapper.delete_adapter(adapter_name)
             if not wrapper.modules_to_save:
@@ -319,7 +312,9 @@ class LayerTuner(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge)
-        for key, layer in self.adapter_layers():
+        walk = walk_modules(self.model, stop_at=(AdapterLayer,))
+        outermost = [(key, m) for key, m in walk if isinstance(m, AdapterLayer)]
+        for key, layer in outermost:  # replacing the outermost wrapper removes the layers inside it too
             set_submodule(self.model, key, layer.get_base_layer())
         for key, wrapper in self.saved_module_wrappers():
             set_submodule(self.model, key, wrapper.unwrapped())
@@ -336,9 +331,14 @@ class LayerTuner(nn.Module):
         return self._unload(merge=False)
 
     def add_weighted_adapter(
-        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **options
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str | None = None,
+        **options,
     ) -> None:
-        """Create ``adapter_name`` from ``adapters`` (delegated to the method's ``combine_adapters``)."""
+        """Create ``adapter_name`` from ``adapters`` (PEFT's arguments; answered by the ``combine_adapters`` hook).
+
+        ``combination_type=None`` is the default of the adapters' kind, as in PEFT: "svd"
+        for LoRA, the weighted sum ("linear") for IA3. peftcore-fusion implements it.
+        """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first")
@@ -353,4 +353,36 @@ class LayerTuner(nn.Module):
         )
         if not handled:
             method = method_for_config(self.peft_config[adapters[0]])
-            raise NotImplementedError(f"{method.name} does not support combining adapters with {combination_type!r}")
+            raise ImportError(
+                f"add_weighted_adapter: no installed plugin combines {method.name} adapters; weighted merging lives "
+                f"in the peftcore-fusion package: pip install peftcore-fusion (from a checkout: pip install "
+                f"./plugins/peftcore-fusion)"
+            )
+
+
+def check_methods_can_share(method, configs: dict, adapter_name: str) -> None:
+    """Refuse a ``method`` adapter beside adapters (``configs``) of a method it cannot share a model with."""
+    seen = {}  # one check per method present, not per adapter: adding stays flat in the number of adapters
+    for existing_name, existing in configs.items():
+        seen.setdefault(existing.peft_type, existing_name)
+    for peft_type, existing_name in seen.items():
+        other = methods()[peft_type] if peft_type in methods() else method_for_config(configs[existing_name])
+        if not method.can_share_a_model_with(other):
+            raise ValueError(
+                f"Cannot add a {method.peft_type} adapter {adapter_name!r} next to the {other.peft_type} adapter "
+                f"{existing_name!r}: one model holds adapters of one method (or of methods that build on one "
+                "another, such as FUSION on LORA)"
+            )
+
+
+def _own_layer(target: AdapterLayer, method, key: str) -> AdapterLayer:
+    """The layer of ``method`` at ``key``: ``target`` itself, or the one inside wrappers of methods building on it."""
+    layer = target
+    while isinstance(layer, AdapterLayer) and layer.peft_type != method.peft_type:
+        outer = methods().get(layer.peft_type)
+        if outer is None or method.peft_type not in outer.builds_on:
+            raise ValueError(f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top")
+        layer = layer.base_layer
+    if not isinstance(layer, AdapterLayer):
+        raise ValueError(f"{key} is wrapped by {target.peft_type}, which holds no {method.peft_type} layer to add to")
+    return layer

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from peftcore import serialization
+from peftcore import member_adapters, serialization
 from peftcore.adapter_folder import adapter_subfolder, write_text
 from peftcore.adapter_names import check_adapter_name
 from peftcore.config import PeftConfig, TaskType, config_from_file, config_path
@@ -160,12 +160,14 @@ class PeftModel(nn.Module):
     def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None) -> None:
         """``add_adapter``, with ``fill()`` run once the adapter exists but before anything else changes."""
         self._check_new_name(adapter_name)
-        existing = next(iter(self.peft_config.values()), None)
-        if existing is not None and existing.peft_type != peft_config.peft_type:
-            raise ValueError(
-                f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
-                "one PeftModel holds adapters of one method"
-            )
+        method = method_for_config(peft_config)
+        for existing in {c.peft_type: c for c in self.peft_config.values()}.values():  # one check per method
+            if not method.can_share_a_model_with(method_for_config(existing)):
+                raise ValueError(
+                    f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
+                    "one PeftModel holds adapters of one method (or of methods that build on one another, such as "
+                    "FUSION on LORA)"
+                )
         with unchanged_on_failure(self):
             self._prepare_config(peft_config, self.get_base_model())
             if self._uses_layers:
@@ -402,6 +404,11 @@ class PeftModel(nn.Module):
         model_cls = cls
         if cls is PeftModel and config.task_type is not None:
             model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
+        if member_adapters.member_names(config):  # it builds on other adapters: those come first
+            return member_adapters.from_pretrained(
+                model_cls, model, member_adapters.local_folder(model_id, subfolder), adapter_name, config,
+                is_trainable, allow_pickle=allow_pickle, **{k: v for k, v in kwargs.items() if k != "subfolder"},
+            )
         before = Bookkeeping(model)
         with _blamed_on(where, model):
             peft_model = model_cls(model, config, adapter_name)
@@ -434,11 +441,20 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         path = serialization.find_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
         weights = serialization.read_weights(path)
-        # the tensors are loaded before a merged model is unmerged or any flag is settled
-        with _blamed_on(where, self.get_base_model()):
-            self._add_adapter(
-                adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
-            )
+        members = member_adapters.load_missing_members(
+            self, member_adapters.local_folder(model_id, subfolder), config, allow_pickle=allow_pickle,
+            **{k: v for k, v in kwargs.items() if k != "subfolder"},
+        )
+        try:
+            # the tensors are loaded before a merged model is unmerged or any flag is settled
+            with _blamed_on(where, self.get_base_model()):
+                self._add_adapter(
+                    adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
+                )
+        except BaseException:
+            for name in members:  # the members this call loaded go too: the model is left as it was
+                self.delete_adapter(name)
+            raise
         if not is_trainable:
             self.eval()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import json
 import os
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from peftcore import LoraConfig, Method, PeftModel, hookimpl, register_plugin, unregister_plugin
 from peftcore.cli import config_options, main
+from peftcore.testing import labelled_csv
 
 LM_WORDS = ("say yes if the review is good : great awful fine terrible lovely boring film plot acting music was very "
             "yes no").split()
@@ -83,15 +83,7 @@ def llama(tmp_path_factory) -> Path:
 
 
 def _spam_csv(path: Path, n: int = 48) -> Path:
-    from peftcore.cli import datasets
-
-    data = datasets.load_dataset("sms-spam")
-    train, _ = datasets.split(data, n, 0, seed=1, balanced=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["message", "label"])
-        writer.writerows(zip(train.texts, [data.label_names[y] for y in train.labels]))
-    return path
+    return labelled_csv(path, n)
 
 
 def _review_jsonl(path: Path, n: int = 48) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from peftcore.cli import assets, launch, models
+from peftcore.cli import adapter_bodies, assets, launch, models
 from peftcore.cli import datasets as data
 from peftcore.cli import training_loop as train
 from peftcore.cli.errors import CliError, user_errors
@@ -20,6 +20,7 @@ from peftcore.cli.render import human_bytes, progress, status, table
 from peftcore.config import TaskType
 from peftcore.files import SAFETENSORS_WEIGHTS_NAME
 from peftcore.loop_hooks import run_length_field
+from peftcore.member_adapters import member_field
 
 SEQ_CLS, CAUSAL_LM = TaskType.SEQ_CLS.value, TaskType.CAUSAL_LM.value
 # Built-in model -> the dataset it trains on when none is given
@@ -154,13 +155,35 @@ def _attach(request: ApplyRequest, config, base, results: Results, run_steps: in
     run_length = run_length_field(type(config))
     if run_steps and run_length is not None and request.config_kwargs.get(run_length) is None:
         config = _make_config(request, run_steps)
-    peft_model = get_peft_model(base, config).to(request.device)
+    members = member_field(type(config))
+    peft_model = _attach_over_members(config, members, base, results) if members else get_peft_model(base, config)
+    peft_model = peft_model.to(request.device)
     if request.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable()
     trainable, total = peft_model.get_nb_trainable_parameters()
     targets = config.target_modules if hasattr(config, "target_modules") else None
     results.facts.update(trainable_params=trainable, total_params=total,
                          targets=sorted(targets) if isinstance(targets, (set, list)) else targets)
+    return peft_model
+
+
+def _attach_over_members(config, field_name: str, base, results: Results):
+    """A method that builds on adapters (fusion): ``--<field>`` lists adapter folders, loaded (layers only) first.
+
+    Each member is named after its folder and saved beside the new adapter, which is
+    ``default`` (the top of --out), so the folder reloads on its own.
+    """
+    from peftcore.peft_model import TASK_MODELS, PeftModel
+
+    folders = [Path(f) for f in getattr(config, field_name)]
+    names = adapter_bodies.names_for(folders)
+    status(f"loading the adapters it builds on: {', '.join(f'{n} ({f})' for n, f in zip(names, folders))}")
+    model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
+    peft_model, _ = adapter_bodies.load_bodies(base, folders, names, model_cls)
+    setattr(config, field_name, names)
+    peft_model.add_adapter("default", config)
+    peft_model.set_adapter("default")
+    results.facts["members"] = {name: str(folder) for name, folder in zip(names, folders)}
     return peft_model
 
 

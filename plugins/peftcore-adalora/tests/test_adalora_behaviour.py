@@ -264,13 +264,6 @@ def test_one_trainable_adapter_per_model():
     assert model.base_model.trainable_adapter_name == "default"
 
 
-def test_add_weighted_adapter_is_refused_as_in_peft():
-    model, _, _ = _adalora_model("bert")
-    model.add_adapter("frozen", AdaLoraConfig(task_type="SEQ_CLS", total_step=10, inference_mode=True))
-    with pytest.raises(TypeError, match="does not support add_weighted_adapter"):
-        model.add_weighted_adapter(["default", "frozen"], [0.5, 0.5], "mix")
-
-
 # -- configs ------------------------------------------------------------------------------
 
 

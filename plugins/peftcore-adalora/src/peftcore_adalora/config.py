@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peftcore import LayerConfig
+from peftcore.config import united
 from peftcore.validation import DROPOUT, NON_NEGATIVE, POSITIVE, ConfigError, Range, check_left_off
 
 # PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (peft 0.21).
@@ -178,3 +180,10 @@ class AdaLoraConfig(LayerConfig):
                     f"AdaLoraConfig: rank_pattern[{key!r}] has {len(kept)} entries but init_r is {self.init_r} "
                     "(one kept-or-not flag per initial rank)", "rank_pattern", self.rank_pattern,
                 )
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "AdaLoraConfig":
+        """A frozen AdaLoRA adapter of rank ``rank`` everywhere (no allocation: one trainable adapter per model)."""
+        return dataclasses.replace(
+            self, init_r=rank, target_r=rank, rank_pattern=None, inference_mode=True, init_lora_weights=False,
+            target_modules=united([s.target_modules for s in sources], "target_modules"),
+        )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peftcore import LayerConfig
+from peftcore.config import united
 from peftcore.validation import NON_NEGATIVE, ConfigError, check_regex
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (peft 0.21).
@@ -118,6 +120,14 @@ class IA3Config(LayerConfig):
                     f"IA3Config: feedforward_modules must be a subset of target_modules; {sorted(extra)} "
                     f"are not in target_modules {sorted(self.target_modules)}", "feedforward_modules", extra,
                 )
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "IA3Config":
+        """PEFT's IA3 rule for a combined adapter: targets and feedforward modules united over ``sources``."""
+        return dataclasses.replace(
+            self,
+            target_modules=united([s.target_modules for s in sources], "target_modules"),
+            feedforward_modules=united([s.feedforward_modules for s in sources], "feedforward_modules"),
+        )
 
     def is_feedforward(self, module_name: str) -> bool:
         """PEFT's rule: a regex must match the full name; names match as a plain suffix."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peftcore import LayerConfig
+from peftcore.config import united
 from peftcore.validation import DROPOUT, POSITIVE, ConfigError, check_left_off, check_regex
 
 # Default targets when target_modules is None: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -115,6 +117,14 @@ class LoraConfig(LayerConfig):
         for name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, name):
                 check_regex(self, name, key, "key")
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "LoraConfig":
+        """PEFT's config of a weighted-merge result: rank ``rank`` everywhere with alpha = rank (scale 1),
+        targets united; no init that touches base weights (PiSSA/OLoRA would)."""
+        return dataclasses.replace(
+            self, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=False,
+            target_modules=united([s.target_modules for s in sources], "target_modules"),
+        )
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The r and alpha for one module, after ``rank_pattern``/``alpha_pattern`` (PEFT's first-match rule)."""
