@@ -7,6 +7,7 @@ plugins; ``from peftcore import LoraConfig`` finds them by name.
 import warnings
 
 from peftcore.config import LayerConfig, PeftConfig, PeftType, TaskType, get_peft_config
+from peftcore.distributed import fsdp_auto_wrap_policy
 from peftcore.files import AdapterFileError
 from peftcore.input_adapter import InputAdapter
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
@@ -56,6 +57,7 @@ __all__ = [
     "LayerSupport", "LayerTuner", "Method", "ModulesToSaveWrapper", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType", "__version__",
-    "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl", "load_peft_weights",
-    "prepare_model_for_kbit_training", "register_plugin", "set_peft_model_state_dict", "unregister_plugin",
+    "fsdp_auto_wrap_policy", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
+    "load_peft_weights", "prepare_model_for_kbit_training", "register_plugin", "set_peft_model_state_dict",
+    "unregister_plugin",
 ]

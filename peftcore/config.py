@@ -8,11 +8,12 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
-from peftcore.files import CONFIG_NAME, AdapterFileError, resolve_file, write_text_atomic
+from peftcore.adapter_folder import write_text
+from peftcore.files import CONFIG_NAME, AdapterFileError, resolve_file
 from peftcore.plugins import get_method, hooks, methods, no_methods_hint
+from peftcore.validation import NON_NEGATIVE, ConfigError, check_fields, check_regex
 from peftcore.version import __version__
 
 # The PEFT release whose file format peftcore writes; PEFT reads the part before "@".
@@ -65,12 +66,14 @@ class PeftConfig:
     inference_mode: bool = field(default=False)
 
     def __post_init__(self):
+        check_fields(self)  # every field of the subclass, from its annotations (peftcore.validation)
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(str(self.task_type))
             except ValueError:
-                raise ValueError(
-                    f"Invalid task_type {self.task_type!r}; expected one of {', '.join(t.value for t in TaskType)}"
+                raise ConfigError(
+                    f"{type(self).__name__}: task_type must be None or one of "
+                    f"{', '.join(t.value for t in TaskType)}, got {self.task_type!r}", "task_type", self.task_type
                 ) from None
         if self.peft_version is None:
             self.peft_version = _producer_version()
@@ -105,8 +108,7 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> dict[str, Any]:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return read_config_json(path)
 
 
 @dataclass
@@ -116,7 +118,7 @@ class LayerConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(default=None)
     exclude_modules: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"range": NON_NEGATIVE})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
 
     def __post_init__(self):
@@ -126,12 +128,46 @@ class LayerConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple, set)):
             self.exclude_modules = set(self.exclude_modules)
+        for name in ("target_modules", "exclude_modules"):  # a string is a regex, a list holds names
+            if isinstance(getattr(self, name), str):
+                check_regex(self, name, getattr(self, name))
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or ()
+        for pattern in patterns:
+            check_regex(self, "layers_pattern", pattern)
+        owner = type(self).__name__
         if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("layers_pattern only makes sense together with layers_to_transform")
+            raise ConfigError(f"{owner}: layers_pattern only makes sense together with layers_to_transform",
+                              "layers_pattern", self.layers_pattern)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+            raise ConfigError(f"{owner}: layers_to_transform cannot be used when target_modules is a regex string",
+                              "layers_to_transform", self.layers_to_transform)
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("layers_pattern cannot be used when target_modules is a regex string")
+            raise ConfigError(f"{owner}: layers_pattern cannot be used when target_modules is a regex string",
+                              "layers_pattern", self.layers_pattern)
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> LayerConfig:
+        """The config of a new adapter built from the adapters of ``sources`` (``self`` is ``sources[0]``).
+
+        What ``add_weighted_adapter`` asks a method for (part of the combining contract, with
+        ``AdapterLayer.low_rank_delta``): this config's settings, targets united over
+        ``sources`` (:func:`united`), every module at ``rank`` (low-rank methods; None
+        for others), an initialisation that touches no base weight, and nothing trained
+        beyond the adapter itself. A method without one cannot have its adapters combined.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no combined_config: its adapters cannot be combined")
+
+
+def united(values: list, what: str):
+    """PEFT's rule for the targets of a combined adapter: sets united, regex strings joined into one alternation."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"Cannot combine adapters whose {what} mix a regex string and a list of names: {values}")
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if isinstance(present[0], str):
+        return present[0] if len(set(present)) == 1 else "|".join(f"({v})" for v in present)
+    return set().union(*present)
 
 
 def json_ready(value: Any) -> Any:
@@ -158,13 +194,21 @@ def config_as_dict(config: PeftConfig) -> dict:
     return json_ready(hooks.config_to_dict(config=config))
 
 
-def write_config(config: PeftConfig, save_directory: str | os.PathLike, inference_mode: bool = True) -> None:
+def config_json(config: PeftConfig, inference_mode: bool = True) -> str:
+    """``adapter_config.json``'s text for ``config``, as PEFT writes it (sorted keys, ``inference_mode`` set)."""
     data = config_as_dict(config)
     data["inference_mode"] = inference_mode
-    write_text_atomic(Path(save_directory) / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True))
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def write_config(config: PeftConfig, save_directory: str | os.PathLike, inference_mode: bool = True) -> None:
+    write_text(save_directory, CONFIG_NAME, config_json(config, inference_mode))
 
 
 def config_from_dict(data: dict) -> PeftConfig:
+    """The config ``data`` describes (``adapter_config.json``'s layout), checked like one made in Python."""
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"an adapter config is a JSON object (dict), got {type(data).__name__}")
     if "peft_type" not in data:
         raise AdapterFileError(f"adapter config has no 'peft_type' (keys: {sorted(data)})")
     if not methods():
@@ -181,17 +225,56 @@ def get_peft_config(config_dict: dict) -> PeftConfig:
     return config_from_dict(config_dict)
 
 
-def read_config(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> PeftConfig:
-    path = resolve_file(model_id, CONFIG_NAME, subfolder, required=True, **hub_kwargs)
-    where = os.path.join(str(model_id), subfolder or "")
-    if path is None:
-        raise AdapterFileError(f"{where}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = sorted({key for key, _ in pairs if key in seen or seen.add(key)})
+        raise ValueError(f"keys given twice: {twice} (which one is meant?)")
+    return data
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; every way of failing to get one is an AdapterFileError naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(fh.read(), object_pairs_hook=_refuse_duplicate_keys)
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise AdapterFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path}: JSON nested too deeply to be an adapter config") from None
+    except ValueError as exc:  # json.JSONDecodeError, duplicate keys, integers too long to convert
         raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def config_from_file(path: str | os.PathLike) -> PeftConfig:
+    """``config_from_dict`` on the file at ``path``; its errors and warnings name the file."""
+    data = read_config_json(path)
     data.pop("runtime_config", None)
-    return config_from_dict(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config = config_from_dict(data)
+        except (ValueError, TypeError) as exc:  # ConfigError, AdapterFileError, a plugin's own checks
+            raise AdapterFileError(f"{path}: {exc}") from None
+    for warning in caught:
+        warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=3)
+    return config
+
+
+def config_path(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> str:
+    """Where the adapter's ``adapter_config.json`` is (a local file, or the Hub cache's copy)."""
+    path = resolve_file(model_id, CONFIG_NAME, subfolder, required=True, **hub_kwargs)
+    if path is None:
+        where = os.path.join(str(model_id), subfolder or "")
+        raise AdapterFileError(f"{where}: no {CONFIG_NAME} (is this a PEFT adapter folder?)")
+    return path
+
+
+def read_config(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> PeftConfig:
+    return config_from_file(config_path(model_id, subfolder, **hub_kwargs))

@@ -1,10 +1,9 @@
-"""PEFT's adapter folder as files: their names, atomic writes, and finding them locally or on the Hub."""
+"""PEFT's adapter folder as files: their names, and finding them locally (after any interrupted save) or on the Hub."""
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 CONFIG_NAME = "adapter_config.json"
@@ -16,30 +15,69 @@ class AdapterFileError(ValueError):
     """An adapter folder or file that cannot be used, with the path and the reason."""
 
 
-@contextmanager
-def atomic_path(final_path: str | os.PathLike):
-    """Yield a temporary path beside ``final_path``; rename over it only on success.
+def check_tensor_kind(name: str, tensor, target, target_name: str) -> None:
+    """Refuse file tensor ``name`` when its dtype cannot hold the values of ``target`` (the model's tensor).
 
-    An interrupted or failed save leaves whatever was at ``final_path`` untouched.
+    Copying integer or boolean values into float weights would silently cast them to garbage.
     """
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
-    os.close(fd)
+    if target.is_floating_point() and not tensor.is_floating_point():
+        dtype = str(tensor.dtype).replace("torch.", "")
+        raise AdapterFileError(
+            f"tensor {name!r} is {dtype}, but {target_name} in the model is "
+            f"{str(target.dtype).replace('torch.', '')}: adapter weights are floating point, so the file is damaged "
+            "or not an adapter"
+        )
+
+
+# An interrupted save_pretrained can leave a commit record beside the files (see peftcore.adapter_folder):
+# once it exists, the folder *is* the new save, partly still under the staged names it lists.
+COMMIT_RECORD_NAME = ".peftcore-commit.json"
+STAGED_PREFIX = ".peftcore-staged-"
+COMMIT_FORMAT = "peftcore-folder-commit/1"
+
+
+def read_commit_record(folder: str | os.PathLike) -> dict | None:
+    """The commit record of a save that was interrupted after its commit point, or None.
+
+    ``{"format": ..., "files": {final name: staged name}, "remove": [final names]}``.
+    """
+    path = Path(folder) / COMMIT_RECORD_NAME
     try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path}: cannot read the record of an interrupted save ({exc})") from None
+    try:
+        record = json.loads(text)
+        files, remove = record["files"], record["remove"]
+        names_ok = all(
+            isinstance(final, str) and isinstance(staged, str) and os.path.basename(final) == final
+            and staged == f"{STAGED_PREFIX}{record['token']}-{final}" for final, staged in files.items()
+        ) and all(isinstance(name, str) and os.path.basename(name) == name for name in remove)
+        if record["format"] != COMMIT_FORMAT or not names_ok:
+            raise ValueError("unexpected contents")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise AdapterFileError(
+            f"{path}: damaged record of an interrupted save ({exc}); save the adapter again, or delete this file "
+            "to read the folder as it is"
+        ) from None
+    return record
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+def committed_file(folder: str | os.PathLike, filename: str) -> str | None:
+    """Where ``filename`` of the local adapter ``folder`` is, as its last committed save left it (None: absent)."""
+    folder = Path(folder)
+    record = read_commit_record(folder)
+    if record is not None:
+        if filename in record["remove"]:
+            return None
+        if filename in record["files"]:
+            staged = folder / record["files"][filename]
+            if staged.is_file():  # not yet renamed into place
+                return str(staged)
+    path = folder / filename
+    return str(path) if path.is_file() else None
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -57,8 +95,7 @@ def resolve_file(
     """
     model_id = str(model_id)
     if _is_local(model_id):
-        path = Path(model_id, subfolder or "", filename)
-        return str(path) if path.is_file() else None
+        return committed_file(Path(model_id, subfolder or ""), filename)
     looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
     if looks_like_path:
         raise AdapterFileError(f"{model_id}: no such adapter folder")

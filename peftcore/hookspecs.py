@@ -150,7 +150,9 @@ def merge_layer(layer: nn.Module, adapter_names: list[str], safe_merge: bool) ->
 
     The core's default calls ``layer.merge(...)``; answer first to merge a layer
     type differently (e.g. dequantise, call ``layer.merged_params(...)``,
-    re-quantise and report the error).
+    re-quantise and report the error). ``merge_adapter`` calls every layer's
+    ``check_merge`` before the first ``merge_layer``, so such a layer type also
+    overrides ``check_merge`` with its own dry run.
     """
 
 
@@ -164,12 +166,24 @@ def combine_adapters(
     model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
     options: dict[str, Any],
 ) -> bool | None:
-    """Build adapter ``adapter_name`` out of several existing ones (weighted merge, fusion).
+    """Build adapter ``adapter_name`` out of several existing ones (``add_weighted_adapter``).
 
     ``model`` is the :class:`~peftcore.layer_tuner.LayerTuner`; the core has checked
-    the names and weights. The implementation creates the adapter (usually
-    ``model.inject_adapter(new_config, adapter_name)``) and fills its tensors.
-    Return True when handled, None for adapters of another method.
+    the names and that there is one weight per adapter. ``combination_type`` is
+    PEFT's ("svd", "cat", "ties", ...) or None for the adapters' default;
+    ``options`` are PEFT's keyword arguments (``density``, ``svd_rank``, ...).
+    The implementation creates the adapter (``model.inject_adapter(new_config,
+    adapter_name)``) and fills its tensors; return True when handled, None to
+    leave it to another plugin (none answering is an error naming peftcore-fusion,
+    which answers for every layer method).
+
+    What a method exposes to be combined (the combining contract, read through
+    public methods only): on its layers ``low_rank_delta(name)`` /
+    ``set_low_rank_delta(name, up, down)`` (low-rank methods: the change as
+    ``scale · up @ down``) or ``scaling_vector(name)`` / ``set_scaling_vector(name,
+    vector)`` (:class:`~peftcore.layer.ScalingAdapterLayer` methods), and on its
+    config ``combined_config(sources, rank)`` (the new adapter's config). See
+    :mod:`peftcore.layer`.
     """
 
 

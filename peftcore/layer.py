@@ -15,6 +15,13 @@ What a method defines per adapter:
 - a *multiplicative* method (IA3) subclasses :class:`ScalingAdapterLayer` and defines
   the scaling instead; it keeps its own forward.
 
+What a method exposes so that adapters can be combined into new ones
+(``add_weighted_adapter``, answered by peftcore-fusion), never by reading its private
+attributes: a low-rank method answers :meth:`AdapterLayer.low_rank_delta` (the
+adapter's weight change as ``scale · up @ down``) and :meth:`AdapterLayer.set_low_rank_delta`
+(write such a product into an adapter); a scaling method answers
+:meth:`ScalingAdapterLayer.scaling_vector` and :meth:`ScalingAdapterLayer.set_scaling_vector`.
+
 The attribute names match PEFT's so that tools walking PEFT models (Trainer,
 accelerate, conversion scripts) find what they expect.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -74,6 +82,41 @@ def rows_by_adapter(adapter_names: list[str], batch_size: int) -> dict[str, list
     for row, name in enumerate(adapter_names):
         groups.setdefault(name, []).append(row)
     return groups
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """An adapter's weight change as a product of two thin factors: ``scale · up @ down``.
+
+    ``up`` is (out, r) and ``down`` is (r, fan_in), where ``fan_in`` is everything a
+    weight row spans (``in_features``; ``in_channels · kh · kw`` for a convolution, its
+    kernel flattened). ``delta_weight(name)`` equals this product put back into the
+    layer's own layout (transposed for GPT-2's ``Conv1D`` and for embeddings, reshaped to
+    the kernel for convolutions). The tensors are the adapter's own (no copies): read them.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        """The (out, fan_in) product ``(up @ down) · scale`` (dense: for references and small layers)."""
+        return (self.up @ self.down) * self.scale
+
+
+def padded_factors(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``up`` (out, k) and ``down`` (k, fan_in) widened with zeros to rank ``rank`` (same product)."""
+    k = down.shape[0]
+    if k > rank:
+        raise ValueError(f"a rank-{k} product does not fit an adapter of rank {rank}")
+    if k == rank:
+        return up, down
+    wide_up = torch.cat([up, up.new_zeros(up.shape[0], rank - k)], 1)
+    return wide_up, torch.cat([down, down.new_zeros(rank - k, down.shape[1])])
 
 
 @cache
@@ -303,6 +346,25 @@ class AdapterLayer(nn.Module):
         """What merging adds to the base bias; None (the default): nothing."""
         return None
 
+    # -- combining adapters (the contract peftcore-fusion relies on) ------------------
+
+    def low_rank_delta(self, adapter_name: str) -> LowRankDelta | None:
+        """Adapter ``adapter_name``'s weight change in factored form, or None (the default) if it has none.
+
+        Low-rank methods (LoRA, AdaLoRA) answer; a method whose change is not such a
+        product for a reason worth telling (DoRA's magnitude rescaling, a bias it
+        changes too) raises ``ValueError`` naming the adapter, the layer and why.
+        """
+        return None
+
+    def set_low_rank_delta(self, adapter_name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Make adapter ``adapter_name``'s weight change equal ``up @ down`` (the layout of :meth:`low_rank_delta`).
+
+        The adapter exists (made for a config of rank >= ``up.shape[1]``); ranks it has
+        beyond the product's are set to zero, so they change nothing.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be given a low-rank weight change")
+
     def merge_one(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         """(weight, bias) with adapter ``name`` folded in; new tensors, the arguments stay as they are."""
         delta = self.delta_weight(name)
@@ -311,10 +373,13 @@ class AdapterLayer(nn.Module):
         bias_delta = self.delta_bias(name)
         if bias_delta is not None:
             if bias is None:
-                raise ValueError(f"Cannot merge adapter {name!r} into {self.location}: it changes the bias, but the "
-                                 "base layer has none")
+                raise self._no_bias_to_merge_into(name)
             bias = bias + bias_delta.to(bias.dtype)
         return weight, bias
+
+    def _no_bias_to_merge_into(self, name: str) -> ValueError:
+        return ValueError(f"Cannot merge adapter {name!r} into {self.location}: it changes the bias, but the "
+                          "base layer has none")
 
     def unmerge_one(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         """The inverse of :meth:`merge_one`."""
@@ -374,6 +439,39 @@ class AdapterLayer(nn.Module):
         self._store_base_params(*self.unmerged_params(*self._base_params(), self.merged_adapters))
         self.merged_adapters.clear()
 
+    def check_merge(self, adapter_names: list[str], safe_merge: bool = False) -> None:
+        """Raise what merging ``adapter_names`` would raise, changing nothing (``merge_adapter`` asks every layer
+        first, so that a model is merged entirely or not at all).
+
+        With ``safe_merge`` this computes the merged weights once more to check them for NaN/inf. A layer
+        type whose weights are stored another way (quantised) overrides this with its own dry run.
+        """
+        names = [n for n in adapter_names if n not in self.merged_adapters and n in self.adapter_names]
+        if not names:
+            return
+        if safe_merge:
+            self.merged_params(*self._base_params(), names, safe_merge=True)
+            return
+        if self._base_params()[1] is None:
+            for name in names:
+                if self.delta_bias(name) is not None:
+                    raise self._no_bias_to_merge_into(name)
+
+    def merge_snapshot(self) -> object:
+        """What :meth:`restore_merge` needs to put the current (merged) weights back bit for bit.
+
+        References to the weight tensors, not copies: merging and unmerging store new tensors
+        (``_store_base_params``), so the old ones stay intact while referenced. A layer type that
+        merges in place, or keeps more merge state (LoRA's DoRA norms), extends both methods.
+        """
+        weight, bias = self._base_params()
+        return list(self.merged_adapters), weight, bias
+
+    def restore_merge(self, snapshot: object) -> None:
+        merged, weight, bias = snapshot
+        self._store_base_params(weight, bias)
+        self.merged_adapters[:] = merged
+
     def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         already = [name for name in names if name in self.merged_adapters]
@@ -399,7 +497,12 @@ class ScalingAdapterLayer(AdapterLayer):
     """
 
     def scaling_vector(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's learned values (1 everywhere: no change), as the method stores them."""
         raise NotImplementedError
+
+    def set_scaling_vector(self, adapter_name: str, vector: torch.Tensor) -> None:
+        """Write ``vector`` (the shape :meth:`scaling_vector` returns) as adapter ``adapter_name``'s values."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be given a scaling vector")
 
     def weight_scaling(self, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError

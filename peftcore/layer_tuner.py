@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from torch import nn
 
 from peftcore import matching
+from peftcore.adapter_names import check_adapter_name
 from peftcore.layer import AdapterLayer
 from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
-from peftcore.plugins import hooks, layer_supports, method_for_config, pick_layer_support
+from peftcore.plugins import hooks, layer_supports, method_for_config, methods, pick_layer_support
+from peftcore.rollback import MergedWeights, Trainability
 from peftcore.walking import set_submodule, walk_modules
 
 WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)  # candidates for a new adapter never live inside one
@@ -54,20 +56,25 @@ class LayerTuner(nn.Module):
 
     # -- injection -------------------------------------------------------------
 
-    def inject_adapter(self, config, adapter_name: str) -> None:
+    def inject_adapter(self, config, adapter_name: str, fill=None) -> None:
+        """Add adapter ``adapter_name``: wrap its targets, run ``fill()`` (if given: load its tensors), then settle
+        which adapters train.
+
+        A failure before the last step removes everything the adapter added; until then
+        nothing else in the model has changed but trainability flags (a merged model is
+        unmerged only in the last step), which ``PeftModel`` puts back (peftcore.rollback).
+        """
+        check_adapter_name(adapter_name)
         method = method_for_config(config)
-        for existing_name, existing in self.peft_config.items():
-            if existing.peft_type != config.peft_type:
-                raise ValueError(
-                    f"Cannot add a {config.peft_type} adapter {adapter_name!r} next to the {existing.peft_type} "
-                    f"adapter {existing_name!r}: one model holds adapters of one method"
-                )
+        check_methods_can_share(method, self.peft_config, adapter_name)
         hooks.prepare_config(config=config, model=self.model)
         self.peft_config[adapter_name] = config
         try:
             self._wrap_modules_to_save(config, adapter_name)
             self._wrap_targets(method, config, adapter_name)
-        except Exception:
+            if fill is not None:
+                fill()
+        except BaseException:
             self._remove_partial(adapter_name)
             raise
         self._freeze_all_but_adapters(new_adapter=adapter_name)
@@ -94,12 +101,9 @@ class LayerTuner(nn.Module):
             if not hooks.is_target_module(config=config, module_name=key, module=target, model=self.model):
                 continue
             matched += 1
-            if isinstance(target, AdapterLayer):
-                if target.peft_type != method.peft_type:
-                    raise ValueError(
-                        f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top"
-                    )
-                target.create_adapter(adapter_name, config, module_name=key)
+            if isinstance(target, AdapterLayer) and target.peft_type not in method.builds_on:
+                own_layer = _own_layer(target, method, key)
+                own_layer.create_adapter(adapter_name, config, module_name=key)
                 continue
             support = pick_layer_support(method.peft_type, target, config)
             if support is None:
@@ -108,6 +112,7 @@ class LayerTuner(nn.Module):
                     f"Target module {key} is a {type(target).__module__}.{type(target).__name__}, which {method.name} "
                     f"cannot wrap; supported layer types: {', '.join(known) or 'none'}"
                 )
+            # a plain module, or a layer of a method this one builds on (which the wrapper then holds)
             wrapper = support.factory(target, adapter_name, config, key)
             # wrappers written for hookspec 1 may leave both to the core
             wrapper.module_name = key
@@ -132,8 +137,8 @@ class LayerTuner(nn.Module):
         for key, layer in self.adapter_layers():
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
-            if not layer.adapter_names:
-                set_submodule(self.model, key, layer.get_base_layer())
+            if not layer.adapter_names:  # one level only: a layer it wraps may hold other adapters
+                set_submodule(self.model, key, layer.base_layer)
         for key, wrapper in self.saved_module_wrappers():
             wrapper.delete_adapter(adapter_name)
             if not wrapper.modules_to_save:
@@ -199,12 +204,17 @@ class LayerTuner(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(self.peft_config)}")
+        wrappers = self.saved_module_wrappers()
+        if len(names) > 1 and wrappers:  # checked before any layer switches
+            raise ValueError(
+                f"Cannot activate {names} together: modules_to_save ({wrappers[0][0]}, ...) holds one active copy"
+            )
         for _, layer in self.adapter_layers():
             if layer.merged:
                 warnings.warn("Adapters were merged; unmerging before switching the active adapter")
                 layer.unmerge()
             layer.set_adapter(names)
-        for _, wrapper in self.saved_module_wrappers():
+        for _, wrapper in wrappers:
             wrapper.set_adapter(names)
         self._active_adapter = adapter_name
         if inference_mode:
@@ -227,20 +237,36 @@ class LayerTuner(nn.Module):
 
     @contextmanager
     def adapters_disabled(self):
+        """Base outputs inside the block; afterwards the model is exactly as before (merged, frozen, ...)."""
+        trainability = Trainability(self)
+        merged = MergedWeights(self)  # disabling unmerges (exact base outputs); the exit merges back, bit for bit
+        active = self.active_adapters
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            self.enable_adapter_layers()  # re-activating makes the active adapters trainable ...
+            if self.active_adapters == active:  # ... unless the block switched adapters itself, put back what was
+                merged.restore()
+                trainability.restore()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+        merged_in = [key for key, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:  # checked before anything is deleted
+            raise ValueError(
+                f"Cannot delete adapter {adapter_name!r} while it is merged (into {merged_in[0]}, ...); "
+                "unmerge_adapter() first"
+            )
+        was_active = adapter_name in self.active_adapters
         del self.peft_config[adapter_name]
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in self.saved_module_wrappers():
             wrapper.delete_adapter(adapter_name)
+        if not was_active:  # the layers and wrappers dropped it; what is active and trains stays as it was
+            return
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
@@ -258,13 +284,21 @@ class LayerTuner(nn.Module):
         hooks.unmerge_layer(layer=layer)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge into every layer, or into none: a failure unmerges the layers merged so far."""
+        """Merge into every layer, or into none: each layer checks first (``check_merge``), then all merge.
+
+        With ``safe_merge`` the check computes every merged weight once for NaN/inf, so a
+        bad adapter in the last layer leaves every weight untouched. Should a merge still
+        fail (a plugin's own merge code), the layers merged so far are unmerged again.
+        """
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
+            layer.check_merge(layer.active_adapters if adapter_names is None else list(adapter_names), safe_merge)
         done = []
         try:
-            for _, layer in self.adapter_layers():
+            for layer in layers:
                 was_merged = list(layer.merged_adapters)
                 self._merge_layer(layer, adapter_names, safe_merge)
-                if not was_merged and layer.merged:  # only these can be rolled back exactly
+                if not was_merged and layer.merged:  # only these can be rolled back
                     done.append(layer)
         except Exception:
             for layer in done:
@@ -278,7 +312,9 @@ class LayerTuner(nn.Module):
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
             self.merge_adapter(adapter_names, safe_merge)
-        for key, layer in self.adapter_layers():
+        walk = walk_modules(self.model, stop_at=(AdapterLayer,))
+        outermost = [(key, m) for key, m in walk if isinstance(m, AdapterLayer)]
+        for key, layer in outermost:  # replacing the outermost wrapper removes the layers inside it too
             set_submodule(self.model, key, layer.get_base_layer())
         for key, wrapper in self.saved_module_wrappers():
             set_submodule(self.model, key, wrapper.unwrapped())
@@ -295,9 +331,15 @@ class LayerTuner(nn.Module):
         return self._unload(merge=False)
 
     def add_weighted_adapter(
-        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **options
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str | None = None,
+        **options,
     ) -> None:
-        """Create ``adapter_name`` from ``adapters`` (delegated to the method's ``combine_adapters``)."""
+        """Create ``adapter_name`` from ``adapters`` (PEFT's arguments; answered by the ``combine_adapters`` hook).
+
+        ``combination_type=None`` is the default of the adapters' kind, as in PEFT: "svd"
+        for LoRA, the weighted sum ("linear") for IA3. peftcore-fusion implements it.
+        """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first")
         missing = [a for a in adapters if a not in self.peft_config]
@@ -311,4 +353,36 @@ class LayerTuner(nn.Module):
         )
         if not handled:
             method = method_for_config(self.peft_config[adapters[0]])
-            raise NotImplementedError(f"{method.name} does not support combining adapters with {combination_type!r}")
+            raise ImportError(
+                f"add_weighted_adapter: no installed plugin combines {method.name} adapters; weighted merging lives "
+                f"in the peftcore-fusion package: pip install peftcore-fusion (from a checkout: pip install "
+                f"./plugins/peftcore-fusion)"
+            )
+
+
+def check_methods_can_share(method, configs: dict, adapter_name: str) -> None:
+    """Refuse a ``method`` adapter beside adapters (``configs``) of a method it cannot share a model with."""
+    seen = {}  # one check per method present, not per adapter: adding stays flat in the number of adapters
+    for existing_name, existing in configs.items():
+        seen.setdefault(existing.peft_type, existing_name)
+    for peft_type, existing_name in seen.items():
+        other = methods()[peft_type] if peft_type in methods() else method_for_config(configs[existing_name])
+        if not method.can_share_a_model_with(other):
+            raise ValueError(
+                f"Cannot add a {method.peft_type} adapter {adapter_name!r} next to the {other.peft_type} adapter "
+                f"{existing_name!r}: one model holds adapters of one method (or of methods that build on one "
+                "another, such as FUSION on LORA)"
+            )
+
+
+def _own_layer(target: AdapterLayer, method, key: str) -> AdapterLayer:
+    """The layer of ``method`` at ``key``: ``target`` itself, or the one inside wrappers of methods building on it."""
+    layer = target
+    while isinstance(layer, AdapterLayer) and layer.peft_type != method.peft_type:
+        outer = methods().get(layer.peft_type)
+        if outer is None or method.peft_type not in outer.builds_on:
+            raise ValueError(f"{key} is already wrapped by {target.peft_type}; cannot add {method.peft_type} on top")
+        layer = layer.base_layer
+    if not isinstance(layer, AdapterLayer):
+        raise ValueError(f"{key} is wrapped by {target.peft_type}, which holds no {method.peft_type} layer to add to")
+    return layer

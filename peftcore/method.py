@@ -33,7 +33,11 @@ class Method:
     attribute names of the per-adapter sub-modules ("lora_A", "lora_B", ... all
     start with "lora_"); ``disk_key`` may replace the default naming rule.
     ``kind`` is "layer" for methods that wrap modules, "model" for methods that
-    edit the inputs (prompt and prefix tuning).
+    edit the inputs (prompt and prefix tuning). ``builds_on`` names the methods
+    (``peft_type``) whose adapters this method's adapters work with: a model holds
+    adapters of one method, or of methods one of which builds on the other (a fusion
+    adapter beside the LoRA adapters it attends over), and a layer of a method it
+    builds on may be wrapped by this method's layers.
     """
 
     peft_type: str
@@ -44,12 +48,18 @@ class Method:
     task_types: tuple[str, ...] = ()  # empty: every task type
     disk_key: Callable[[str, str, PeftConfig], str | None] | None = None
     description: str = ""
+    builds_on: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", self.peft_type.lower())
         if self.kind not in ("layer", "model"):
             raise ValueError(f"Method {self.peft_type}: kind must be 'layer' or 'model', got {self.kind!r}")
+
+    def can_share_a_model_with(self, other: Method) -> bool:
+        """Whether adapters of ``self`` and ``other`` may live in one model (one method, or one builds on the other)."""
+        same = self.peft_type == other.peft_type
+        return same or other.peft_type in self.builds_on or self.peft_type in other.builds_on
 
     def to_disk_key(self, key: str, adapter_name: str, config: PeftConfig) -> str | None:
         if self.disk_key is not None:

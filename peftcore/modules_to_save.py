@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftcore.layer import rows_by_adapter
-from peftcore.walking import set_submodule
+from peftcore.walking import set_submodule, walk_modules
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -109,6 +109,20 @@ def wrap_modules_to_save(model: nn.Module, names: list[str] | None, adapter_name
         if ".modules_to_save." in key or key.endswith(".original_module") or ".original_module." in key:
             continue
         set_submodule(model, key, ModulesToSaveWrapper(module, adapter_name))
+
+
+def check_modules_to_save(model: nn.Module, names: list[str] | None, ignore=()) -> None:
+    """Each of ``names`` (but those in ``ignore``: a task's usual heads, which a model may lack) names a module."""
+    asked = [n for n in names or () if n not in ignore]
+    if not asked:
+        return
+    keys = [key for key, _ in walk_modules(model)]
+    absent = [n for n in asked if not any(key == n or key.endswith(f".{n}") for key in keys)]
+    if absent:
+        raise ValueError(
+            f"modules_to_save names {absent}, but {type(model).__name__} has no module of that name (a name matches "
+            "a module's dotted path or its last parts, e.g. 'classifier' or 'pooler.dense')"
+        )
 
 
 def unwrap_modules_to_save(model: nn.Module) -> None:

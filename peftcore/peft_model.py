@@ -6,13 +6,14 @@ import os
 import warnings
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftcore import lm_loss, serialization
+from peftcore import lm_loss, member_adapters, serialization
+from peftcore.adapter_folder import adapter_subfolder, write_text
+from peftcore.adapter_names import check_adapter_name
 from peftcore.chunked_loss import (
     ChunkedLossSettings,
     NotExact,
@@ -21,30 +22,21 @@ from peftcore.chunked_loss import (
     token_nll_from_logits,
     warn_fallback,
 )
-from peftcore.config import PeftConfig, TaskType, read_config, write_config
-from peftcore.files import write_text_atomic
+from peftcore.config import PeftConfig, TaskType, config_from_file, config_path
+from peftcore.files import AdapterFileError
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
 from peftcore.modules_to_save import (
     ModulesToSaveWrapper,
+    check_modules_to_save,
     saved_module_wrappers,
     unwrap_modules_to_save,
     wrap_modules_to_save,
 )
 from peftcore.plugins import hooks, method_for_config
 from peftcore.preparation import checkpointing_on, offload_checkpointed_inputs, require_input_grads
+from peftcore.rollback import Bookkeeping, Trainability, unchanged_on_failure
 from peftcore.walking import walk_modules
-
-
-def _check_adapter_name(adapter_name: str) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
-        raise ValueError(
-            f"Invalid adapter name {adapter_name!r}: use a non-empty string without '.', not {BASE_ADAPTER!r}"
-        )
-    if hasattr(nn.Module(), adapter_name):
-        raise ValueError(
-            f"Invalid adapter name {adapter_name!r}: it clashes with the torch.nn.Module attribute of that name"
-        )
 
 
 class PeftModel(nn.Module):
@@ -52,20 +44,21 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs):
         super().__init__()
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         self._prepare_config(peft_config, model)
         method = method_for_config(peft_config)
         self.modules_to_save = set(getattr(peft_config, "modules_to_save", None) or ()) or None
         checkpointing = checkpointing_on(model)  # asked before injection: the check visits every module
-        if method.kind == "model":
-            self.base_model = model
-            self.prompt_encoder = nn.ModuleDict()
-            self._prompt_configs: dict[str, PeftConfig] = {}
-            self._prompt_active = adapter_name
-            self._prompt_disabled = False
-            self._add_model_adapter(peft_config, adapter_name)
-        else:
-            self.base_model = LayerTuner(model, peft_config, adapter_name)
+        with unchanged_on_failure(model):  # a failed injection leaves the caller's model as it was
+            if method.kind == "model":
+                self.base_model = model
+                self.prompt_encoder = nn.ModuleDict()
+                self._prompt_configs: dict[str, PeftConfig] = {}
+                self._prompt_active = adapter_name
+                self._prompt_disabled = False
+                self._add_model_adapter(peft_config, adapter_name)
+            else:
+                self.base_model = LayerTuner(model, peft_config, adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
         if checkpointing:
             require_input_grads(
@@ -82,11 +75,13 @@ class PeftModel(nn.Module):
                 or None
             )
         task_heads = TASK_HEADS.get(str(config.task_type) if config.task_type else None)
+        check_modules_to_save(model, getattr(config, "modules_to_save", None), ignore=task_heads or ())
         if task_heads and hasattr(config, "modules_to_save"):
             current = list(config.modules_to_save or [])
             config.modules_to_save = current + [n for n in task_heads if n not in current]
 
     def _add_model_adapter(self, config: PeftConfig, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
         if any(isinstance(m, AdapterLayer) for m in self.base_model.modules()):
             raise ValueError(
                 f"Cannot add a {config.peft_type} adapter to a model that already has adapter layers (e.g. LoRA): "
@@ -165,34 +160,58 @@ class PeftModel(nn.Module):
         return self.prompt_encoder[adapter_name].prompt_embeddings_to_save()
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs."""
-        _check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
-        existing = next(iter(self.peft_config.values()), None)
-        if existing is not None and existing.peft_type != peft_config.peft_type:
-            raise ValueError(
-                f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
-                "one PeftModel holds adapters of one method"
-            )
-        self._prepare_config(peft_config, self.get_base_model())
-        if self._uses_layers:
-            # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
-            # no model-wide set_adapter here, whose cost grows with the number of adapters
-            self.base_model.inject_adapter(peft_config, adapter_name)
-        else:
-            self._add_model_adapter(peft_config, adapter_name)
+        """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs.
+
+        On failure the model is left as it was (adapters, active adapter, trainability, merged state).
+        """
+        self._add_adapter(adapter_name, peft_config)
+
+    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None) -> None:
+        """``add_adapter``, with ``fill()`` run once the adapter exists but before anything else changes."""
+        self._check_new_name(adapter_name)
+        method = method_for_config(peft_config)
+        for existing in {c.peft_type: c for c in self.peft_config.values()}.values():  # one check per method
+            if not method.can_share_a_model_with(method_for_config(existing)):
+                raise ValueError(
+                    f"Cannot add a {peft_config.peft_type} adapter to a model holding {existing.peft_type} adapters; "
+                    "one PeftModel holds adapters of one method (or of methods that build on one another, such as "
+                    "FUSION on LORA)"
+                )
+        with unchanged_on_failure(self):
+            self._prepare_config(peft_config, self.get_base_model())
+            if self._uses_layers:
+                # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
+                # no model-wide set_adapter here, whose cost grows with the number of adapters
+                self.base_model.inject_adapter(peft_config, adapter_name, fill=fill)
+            else:
+                self._add_model_adapter(peft_config, adapter_name)
+                try:
+                    if fill is not None:
+                        fill()
+                except BaseException:
+                    self.delete_adapter(adapter_name)
+                    raise
         if getattr(peft_config, "modules_to_save", None):
             self.modules_to_save = (self.modules_to_save or set()) | set(peft_config.modules_to_save)
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` the active adapter; it trains unless ``inference_mode``."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} not found; existing adapters: {sorted(self.peft_config)}")
+    def _check_new_name(self, adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter (layer methods: or a list of them); it trains unless
+        ``inference_mode``. A name that does not exist changes nothing."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"Adapter(s) {unknown or names} not found; existing adapters: {sorted(self.peft_config)}")
         if self._uses_layers:
             self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        elif len(names) > 1:
+            raise ValueError(f"A prompt-learning model runs one adapter at a time, got {names}")
         else:
-            self._activate_model_adapter(adapter_name, inference_mode=inference_mode)
+            self._activate_model_adapter(names[0], inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self._uses_layers:
@@ -210,7 +229,7 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model without any adapter inside the ``with`` block."""
+        """Run the base model without any adapter inside the ``with`` block; afterwards the model is as before."""
         if self._uses_layers:
             with self.base_model.adapters_disabled():
                 yield
@@ -218,6 +237,7 @@ class PeftModel(nn.Module):
         # The active adapter stays named (active_peft_config works inside); only its effect is switched off.
         was_disabled, self._prompt_disabled = self._prompt_disabled, True
         wrappers = saved_module_wrappers(self.base_model)
+        trainability = Trainability(self)
         for wrapper in wrappers:
             wrapper.enable_adapters(False)
         try:
@@ -226,8 +246,7 @@ class PeftModel(nn.Module):
             self._prompt_disabled = was_disabled
             for wrapper in wrappers:
                 wrapper.enable_adapters(not was_disabled)
-            if not was_disabled:
-                self._activate_model_adapter(self._prompt_active)
+            trainability.restore()  # enabling makes the active copies trainable; put back what was
 
     # -- parameters ------------------------------------------------------------------
 
@@ -365,25 +384,32 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
         is_main_process: bool = True,
+        state_dict: dict | None = None,
         **kwargs,
     ) -> None:
-        """Write PEFT's files: ``default`` at the top, other adapters in sub-folders."""
+        """Write PEFT's files: ``default`` at the top, other adapters in sub-folders.
+
+        On a sharded model (FSDP2, DeepSpeed ZeRO-3) call it on every rank: the adapter's
+        shards are gathered (a collective) and only ``is_main_process`` writes. ``state_dict``
+        (PEFT's argument) is a whole model state dict gathered by the engine, e.g.
+        ``accelerator.get_state_dict(model)``; the adapters are then written from it.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
-        if not is_main_process:
-            return
+        folders = {name: adapter_subfolder(save_directory, name) for name in names}  # all checked before any write
         for name in names:
             config = self.peft_config[name]
-            out_dir = Path(save_directory) if name == "default" else Path(save_directory) / name
-            out_dir.mkdir(parents=True, exist_ok=True)
-            state_dict = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
-            serialization.save_weights(state_dict, out_dir, safe_serialization=safe_serialization)
-            write_config(config, out_dir)
-        write_text_atomic(Path(save_directory) / "README.md", _model_card(self))
+            with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
+                tensors = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
+            if not is_main_process:
+                continue
+            serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization)
+        if is_main_process:
+            write_text(save_directory, "README.md", _model_card(self))
 
     @classmethod
     def from_pretrained(
@@ -395,15 +421,31 @@ class PeftModel(nn.Module):
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
         }
         subfolder = hub_kwargs.pop("subfolder", None)
+        check_adapter_name(adapter_name)
+        where = None
         if config is None:
-            config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
+            where = config_path(model_id, subfolder=subfolder, **hub_kwargs)
+            config = config_from_file(where)
         config.inference_mode = not is_trainable
-        weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        path = serialization.find_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        weights = serialization.read_weights(path)
         model_cls = cls
         if cls is PeftModel and config.task_type is not None:
             model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
-        peft_model = model_cls(model, config, adapter_name)
-        peft_model._load_state_dict_into(config, adapter_name, weights, str(model_id))
+        if member_adapters.member_names(config):  # it builds on other adapters: those come first
+            return member_adapters.from_pretrained(
+                model_cls, model, member_adapters.local_folder(model_id, subfolder), adapter_name, config,
+                is_trainable, allow_pickle=allow_pickle, **{k: v for k, v in kwargs.items() if k != "subfolder"},
+            )
+        before = Bookkeeping(model)
+        with _blamed_on(where, model):
+            peft_model = model_cls(model, config, adapter_name)
+        try:
+            peft_model._load_state_dict_into(config, adapter_name, weights, path)
+        except BaseException:  # give the caller's model back as it came, not wrapped around a random adapter
+            peft_model._take_out(adapter_name)
+            before.restore()
+            raise
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -417,27 +459,67 @@ class PeftModel(nn.Module):
         **kwargs,
     ) -> None:
         """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
+        self._check_new_name(adapter_name)  # before reading any file
         hub_kwargs = {
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
         }
         subfolder = hub_kwargs.pop("subfolder", None)
-        config = read_config(model_id, subfolder=subfolder, **hub_kwargs)
+        where = config_path(model_id, subfolder=subfolder, **hub_kwargs)
+        config = config_from_file(where)
         config.inference_mode = not is_trainable
-        weights = serialization.load_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
-        self.add_adapter(adapter_name, config)
+        path = serialization.find_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle, **hub_kwargs)
+        weights = serialization.read_weights(path)
+        members = member_adapters.load_missing_members(
+            self, member_adapters.local_folder(model_id, subfolder), config, allow_pickle=allow_pickle,
+            **{k: v for k, v in kwargs.items() if k != "subfolder"},
+        )
         try:
-            self._load_state_dict_into(config, adapter_name, weights, str(model_id))
-        except Exception:
-            self.delete_adapter(adapter_name)
+            # the tensors are loaded before a merged model is unmerged or any flag is settled
+            with _blamed_on(where, self.get_base_model()):
+                self._add_adapter(
+                    adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
+                )
+        except BaseException:
+            for name in members:  # the members this call loaded go too: the model is left as it was
+                self.delete_adapter(name)
             raise
         if not is_trainable:
             self.eval()
 
+    def _take_out(self, adapter_name: str) -> None:
+        """Remove the adapter and every wrapper left without one (the base model's own modules go back)."""
+        if self._uses_layers:
+            self.base_model._remove_partial(adapter_name)
+        else:
+            self.delete_adapter(adapter_name)
+
     def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
-        missing, unexpected = hooks.load_adapter_state_dict(
-            model=self, config=config, adapter_name=adapter_name, state_dict=weights
-        )
+        try:
+            missing, unexpected = hooks.load_adapter_state_dict(
+                model=self, config=config, adapter_name=adapter_name, state_dict=weights
+            )
+        except AdapterFileError as exc:  # the hook knows tensors, not files
+            raise AdapterFileError(f"{where}: {exc}") from None
+        if missing and len(unexpected) == len(weights):
+            raise AdapterFileError(
+                f"{where}: none of its {len(weights)} tensors belongs to the {config.peft_type} adapter "
+                f"{adapter_name!r} (it needs e.g. {missing[:2]}; the file has e.g. {unexpected[:2]}): "
+                "a file for another model or method?"
+            )
         serialization.warn_load_report(missing, unexpected, where)
+
+
+@contextmanager
+def _blamed_on(config_file: str | None, model: nn.Module):
+    """Errors applying a config read from ``config_file`` name that file (those about the weights name theirs)."""
+    try:
+        yield
+    except AdapterFileError:
+        raise
+    except (ValueError, TypeError) as exc:
+        if config_file is None:
+            raise
+        raise AdapterFileError(f"{config_file}: cannot be applied to {type(model).__name__}: {exc}") from None
 
 
 def _model_card(model: PeftModel) -> str:

@@ -15,15 +15,18 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
+from peftcore import distributed
 from peftcore.config import PeftConfig, TaskType
-from peftcore.files import AdapterFileError
+from peftcore.files import AdapterFileError, check_tensor_kind
 from peftcore.input_adapter import InputAdapter
 from peftcore.modules_to_save import ModulesToSaveWrapper
+from peftcore.serialization import handed_over_state_dict
+from peftcore.validation import POSITIVE
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
@@ -33,23 +36,21 @@ IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
 class PromptLearningConfig(PeftConfig):
     """PEFT's ``PromptLearningConfig``; the model-shape fields left as None are read from the model."""
 
-    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
-    token_dim: int = field(
-        default=None, metadata={"help": "Hidden embedding dimension of the base model (read from the model if unset)"}
-    )
-    num_transformer_submodules: Optional[int] = field(
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={
+        "help": "Number of virtual tokens", "required": True, "range": POSITIVE})
+    token_dim: Optional[int] = field(default=None, metadata={
+        "help": "Hidden embedding dimension of the base model (read from the model if unset)", "range": POSITIVE})
+    num_transformer_submodules: Optional[Literal[1, 2]] = field(
         default=None,
         metadata={
             "help": "Number of transformer stacks: 2 for encoder-decoder (SEQ_2_SEQ_LM), else 1 "
                     "(set from task_type if unset)"
         },
     )
-    num_attention_heads: Optional[int] = field(
-        default=None, metadata={"help": "Number of attention heads (read from the model if unset)"}
-    )
-    num_layers: Optional[int] = field(
-        default=None, metadata={"help": "Number of transformer layers (read from the model if unset)"}
-    )
+    num_attention_heads: Optional[int] = field(default=None, metadata={
+        "help": "Number of attention heads (read from the model if unset)", "range": POSITIVE})
+    num_layers: Optional[int] = field(default=None, metadata={
+        "help": "Number of transformer layers (read from the model if unset)", "range": POSITIVE})
     modules_to_save: Optional[list[str]] = field(
         default=None,
         metadata={
@@ -58,18 +59,7 @@ class PromptLearningConfig(PeftConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        name = type(self).__name__
-        if self.num_virtual_tokens is None:
-            raise ValueError(f"{name}: num_virtual_tokens is required (e.g. num_virtual_tokens=20)")
-        for attr in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
-            value = getattr(self, attr)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{name}: {attr} must be a positive integer, got {value!r}")
-        if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(
-                f"{name}: num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}"
-            )
+        super().__post_init__()  # types and ranges of every field (peftcore.validation)
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 
@@ -217,10 +207,19 @@ class PromptLearningAdapter(InputAdapter):
         table = self.prompt_table()
         return table.unsqueeze(0).expand(batch_size, *table.shape)
 
-    def prompt_embeddings_to_save(self) -> torch.Tensor:
+    def prompt_embeddings_to_save(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The prompt table on the CPU; ``params`` (whole tensors by parameter name) stand in for the
+        module's own, e.g. when those are shards or an engine handed over gathered copies."""
         # no_grad: the same kernels as inference (an LSTM differs by ~1e-6 between the two modes)
         with torch.no_grad():
-            return self.prompt_table().detach().cpu()
+            if params is None:
+                return self.prompt_table().detach().cpu()
+            if self.baked:
+                return params["embedding.weight"].detach().cpu()
+            device = self.embedding.weight.device
+            indices = torch.arange(self.saved_tokens, device=device).unsqueeze(0)
+            params = {k: v.to(device) for k, v in params.items()}
+            return torch.func.functional_call(self, params, (indices,))[0].detach().cpu()
 
     def load_prompt_embeddings(self, tensor: torch.Tensor) -> None:
         """Load PEFT's ``prompt_embeddings``; an encoder with heads is baked (the heads cannot be recovered)."""
@@ -321,9 +320,20 @@ def cache_argument(model: nn.Module) -> str:
 
 def prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """PEFT's tensors for a prompt-learning adapter: ``prompt_embeddings`` plus its ``modules_to_save`` copies."""
-    out = {PROMPT_EMBEDDINGS_KEY: peft_model.prompt_encoder[adapter_name].prompt_embeddings_to_save()}
+    encoder = peft_model.prompt_encoder[adapter_name]
+    out = {PROMPT_EMBEDDINGS_KEY: encoder.prompt_embeddings_to_save(_whole_encoder_params(peft_model, adapter_name))}
     out.update(_saved_module_tensors(peft_model, adapter_name))
     return out
+
+
+def _whole_encoder_params(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor] | None:
+    """The encoder's parameters from a handed-over state dict, or gathered when sharded; None: use its own."""
+    handed = handed_over_state_dict()
+    if handed is not None:
+        prefix = f"prompt_encoder.{adapter_name}."
+        return {k[len(prefix):]: v for k, v in handed.items() if k.startswith(prefix)}
+    encoder = peft_model.prompt_encoder[adapter_name]
+    return distributed.full_tensors(dict(encoder.named_parameters())) if distributed.any_sharded(encoder) else None
 
 
 def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
@@ -332,17 +342,19 @@ def load_prompt_learning_state_dict(peft_model: nn.Module, adapter_name: str,
     saved = _saved_module_tensors(peft_model, adapter_name, keep_vars=True)
     missing = [k for k in [PROMPT_EMBEDDINGS_KEY, *saved] if k not in state_dict]
     unexpected = [k for k in state_dict if k != PROMPT_EMBEDDINGS_KEY and k not in saved]
-    for name, target in saved.items():  # check every shape before touching any weight
+    if PROMPT_EMBEDDINGS_KEY in state_dict:
+        table = peft_model.prompt_encoder[adapter_name].embedding.weight
+        check_tensor_kind(PROMPT_EMBEDDINGS_KEY, state_dict[PROMPT_EMBEDDINGS_KEY], table, "the prompt table")
+    for name, target in saved.items():  # check every dtype and shape before touching any weight
+        if name in state_dict:
+            check_tensor_kind(name, state_dict[name], target, name)
         if name in state_dict and tuple(state_dict[name].shape) != tuple(target.shape):
             raise AdapterFileError(
                 f"tensor {name!r} has shape {tuple(state_dict[name].shape)} but the model's has {tuple(target.shape)}"
             )
     if PROMPT_EMBEDDINGS_KEY in state_dict:
         peft_model.prompt_encoder[adapter_name].load_prompt_embeddings(state_dict[PROMPT_EMBEDDINGS_KEY])
-    with torch.no_grad():
-        for name, target in saved.items():
-            if name in state_dict:
-                target.copy_(state_dict[name])
+    distributed.copy_into([(target, state_dict[name]) for name, target in saved.items() if name in state_dict])
     return missing, unexpected
 
 
@@ -362,10 +374,18 @@ def check_prompt_embeddings(
 
 
 def _saved_module_tensors(peft_model: nn.Module, adapter_name: str, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """``base_model.<path>.modules_to_save.<adapter>.<t>`` is stored as ``base_model.<path>.<t>`` (PEFT)."""
+    """``base_model.<path>.modules_to_save.<adapter>.<t>`` is stored as ``base_model.<path>.<t>`` (PEFT).
+
+    ``keep_vars=True`` gives the live parameters (to load into); otherwise whole tensors,
+    from a handed-over state dict or gathered from shards.
+    """
+    handed = None if keep_vars else handed_over_state_dict()
     out = {}
     for path, module in peft_model.base_model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=keep_vars).items():
+            copy_prefix = f"base_model.{path}.modules_to_save.{adapter_name}."
+            for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                if handed is not None:
+                    tensor = handed.get(copy_prefix + key, tensor)
                 out[f"base_model.{path}.{key}"] = tensor
-    return out
+    return out if keep_vars else distributed.full_tensors(out)

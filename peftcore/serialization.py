@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
 
-from peftcore.config import PeftConfig
+from peftcore import distributed
+from peftcore.adapter_folder import Writer, text_writer, write_files
+from peftcore.config import PeftConfig, config_json
 from peftcore.files import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,
     SAFETENSORS_WEIGHTS_NAME,
     AdapterFileError,
-    atomic_path,
+    check_tensor_kind,
     resolve_file,
 )
 from peftcore.layer import AdapterLayer
@@ -29,9 +33,8 @@ from peftcore.plugins import method_for_config
 # -- weights --------------------------------------------------------------------
 
 
-def save_weights(
-    state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike, safe_serialization: bool = True
-) -> str:
+def weights_writer(state_dict: dict[str, torch.Tensor], safe_serialization: bool = True) -> tuple[str, Writer]:
+    """The weights file's name and a function writing ``state_dict`` to a given path in that format."""
     if safe_serialization:
         from safetensors.torch import save_file
 
@@ -40,14 +43,33 @@ def save_weights(
             k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
             for k, v in state_dict.items()
         }
-        final = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
-        with atomic_path(final) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-    else:
-        final = Path(save_directory) / PICKLE_WEIGHTS_NAME
-        with atomic_path(final) as tmp:
-            torch.save({k: v.detach() for k, v in state_dict.items()}, tmp)
-    return str(final)
+        return SAFETENSORS_WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"})
+    tensors = {k: v.detach() for k, v in state_dict.items()}
+    return PICKLE_WEIGHTS_NAME, lambda path: torch.save(tensors, path)
+
+
+def _replaced_formats(weights_name: str) -> tuple[str, ...]:
+    """A save in one format deletes the other's file, which loading would otherwise prefer or mix up."""
+    return tuple(n for n in (SAFETENSORS_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if n != weights_name)
+
+
+def save_weights(
+    state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike, safe_serialization: bool = True
+) -> str:
+    """Replace the folder's weights file (its config stays as it is)."""
+    name, write = weights_writer(state_dict, safe_serialization)
+    write_files(save_directory, {name: write}, remove=_replaced_formats(name))
+    return str(Path(save_directory) / name)
+
+
+def save_adapter_files(
+    save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: PeftConfig,
+    safe_serialization: bool = True,
+) -> None:
+    """Write one adapter's config and weights into ``save_directory`` as a unit (see peftcore.adapter_folder)."""
+    name, write = weights_writer(state_dict, safe_serialization)
+    writers = {name: write, CONFIG_NAME: text_writer(config_json(config))}
+    write_files(save_directory, writers, remove=_replaced_formats(name))
 
 
 def _shares_storage(tensor: torch.Tensor, state_dict: dict[str, torch.Tensor]) -> bool:
@@ -55,23 +77,15 @@ def _shares_storage(tensor: torch.Tensor, state_dict: dict[str, torch.Tensor]) -
     return sum(1 for t in state_dict.values() if t.untyped_storage().data_ptr() == ptr) > 1
 
 
-def load_weights(
-    model_id: str | os.PathLike,
-    subfolder: str | None = None,
-    allow_pickle: bool = False,
-    device: str = "cpu",
-    **hub_kwargs,
-) -> dict[str, torch.Tensor]:
-    """Read ``adapter_model.safetensors`` (or, only with ``allow_pickle=True``, ``adapter_model.bin``)."""
+def find_weights(
+    model_id: str | os.PathLike, subfolder: str | None = None, allow_pickle: bool = False, **hub_kwargs
+) -> str:
+    """The path of the adapter's weights file: ``adapter_model.safetensors``, or (only with
+    ``allow_pickle=True``) ``adapter_model.bin``; an AdapterFileError names what is missing."""
     where = os.path.join(str(model_id), subfolder or "")
     path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder, **hub_kwargs)
     if path is not None:
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device=device)
-        except Exception as exc:
-            raise AdapterFileError(f"{path}: cannot read safetensors file ({type(exc).__name__}: {exc})") from None
+        return path
     pickled = resolve_file(model_id, PICKLE_WEIGHTS_NAME, subfolder, **hub_kwargs)
     if pickled is None:
         raise AdapterFileError(
@@ -82,10 +96,38 @@ def load_weights(
             f"{pickled}: only a pickle file ({PICKLE_WEIGHTS_NAME}) is present; pickle can run arbitrary code, "
             "so it is loaded only with allow_pickle=True"
         )
+    return pickled
+
+
+def read_weights(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file found by :func:`find_weights`; a damaged file is an AdapterFileError."""
+    if not path.endswith(PICKLE_WEIGHTS_NAME):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=device)
+        except Exception as exc:
+            raise AdapterFileError(f"{path}: cannot read safetensors file ({type(exc).__name__}: {exc})") from None
     try:
-        return torch.load(pickled, map_location=device, weights_only=True)
+        tensors = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise AdapterFileError(f"{pickled}: cannot read pickle file ({type(exc).__name__}: {exc})") from None
+        raise AdapterFileError(f"{path}: cannot read pickle file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise AdapterFileError(f"{path}: holds a {type(tensors).__name__}, not a dict of named tensors")
+    return tensors
+
+
+def load_weights(
+    model_id: str | os.PathLike,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    **hub_kwargs,
+) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` (or, only with ``allow_pickle=True``, ``adapter_model.bin``)."""
+    return read_weights(find_weights(model_id, subfolder, allow_pickle, **hub_kwargs), device=device)
 
 
 # -- the core's default tensor naming ---------------------------------------------
@@ -106,14 +148,46 @@ def disk_key(key: str, adapter_name: str, config: PeftConfig, method=None) -> st
     return method.to_disk_key(key, adapter_name, config) or modules_to_save_disk_key(key, adapter_name)
 
 
+# A whole model's state dict handed over by the training engine (accelerate's get_state_dict,
+# DeepSpeed's consolidated weights): while set, adapters are saved from it, not from the live model.
+_HANDED_OVER: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("peftcore_handed_over", default=None)
+
+
+@contextmanager
+def tensors_from(state_dict: dict[str, torch.Tensor] | None):
+    """Inside the block, ``adapter_state_dict`` reads the model's tensors from ``state_dict``.
+
+    For a state dict an engine gathered already (keys as in ``PeftModel.state_dict()``):
+    the live parameters may be shards, and only the main process may be running.
+    ``None`` leaves the live model as the source.
+    """
+    token = _HANDED_OVER.set(state_dict)
+    try:
+        yield
+    finally:
+        _HANDED_OVER.reset(token)
+
+
+def handed_over_state_dict() -> dict[str, torch.Tensor] | None:
+    """The state dict set by :func:`tensors_from`, if any (methods that compute their tensors read it)."""
+    return _HANDED_OVER.get()
+
+
 def default_adapter_state_dict(model, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names, whole: shards (FSDP2, ZeRO-3) are gathered here.
+
+    Gathering is collective, so every rank calls this when the model is sharded.
+    """
     method = method_for_config(config)
+    source = handed_over_state_dict()
+    if source is None:
+        source = model.state_dict(keep_vars=True)  # ZeRO-3 keeps its partition info on the parameters
     out = {}
-    for key, tensor in model.state_dict(keep_vars=False).items():
+    for key, tensor in source.items():
         name = disk_key(key, adapter_name, config, method)
         if name is not None:
             out[name] = tensor
-    return out
+    return distributed.full_tensors(out)
 
 
 def adapter_view_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -157,6 +231,7 @@ def adapter_view_state_dict(model, adapter_name: str) -> dict[str, torch.Tensor]
 
 def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]):
     method = method_for_config(config)
+    distributed.refuse_fsdp1_load(model)
     own = adapter_view_state_dict(model, adapter_name)
     by_disk_name = {}
     for key in own:
@@ -166,15 +241,14 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
     unexpected = [k for k in state_dict if k not in by_disk_name]
     missing = [k for k in by_disk_name if k not in state_dict]
     pairs = [(own[by_disk_name[name]], tensor, name) for name, tensor in state_dict.items() if name in by_disk_name]
-    for target, tensor, name in pairs:  # check every shape before touching any weight
-        if target.shape != tensor.shape:
+    for target, tensor, name in pairs:  # check every dtype and shape before touching any weight
+        check_tensor_kind(name, tensor, target, by_disk_name[name])
+        if distributed.whole_shape(target) != tuple(tensor.shape):
             raise AdapterFileError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but {by_disk_name[name]} in the model has "
-                f"{tuple(target.shape)} (different r, base model or config?)"
+                f"{distributed.whole_shape(target)} (different r, base model or config?)"
             )
-    with torch.no_grad():
-        for target, tensor, _ in pairs:
-            target.copy_(tensor)
+    distributed.copy_into([(target, tensor) for target, tensor, _ in pairs])  # each rank keeps its own shard
     return missing, unexpected
 
 

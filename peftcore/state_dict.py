@@ -17,7 +17,7 @@ import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
 from peftcore.plugins import hooks
-from peftcore.serialization import disk_key, load_weights
+from peftcore.serialization import load_weights, tensors_from
 
 
 def _adapter_config(model, adapter_name: str):
@@ -38,27 +38,20 @@ def get_peft_model_state_dict(
     unwrap_compiled: bool = False,
     save_embedding_layers: str | bool = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Adapter ``adapter_name``'s tensors keyed as in ``adapter_model.safetensors``.
+    """Adapter ``adapter_name``'s tensors keyed as in ``adapter_model.safetensors``, whole.
 
-    With ``state_dict`` (a full ``model.state_dict()``, e.g. gathered by DeepSpeed) the
-    values are taken from it where it has them; tensors a method computes (prompt
-    learning's prompt table) come from the model. ``unwrap_compiled`` unwraps a
+    With ``state_dict`` (a whole ``model.state_dict()``, e.g. gathered by accelerate or
+    DeepSpeed) the tensors are read from it and the live parameters are not touched, so
+    this may run on the main process alone; without it, sharded parameters (FSDP2,
+    ZeRO-3) are gathered, which every rank must join. ``unwrap_compiled`` unwraps a
     ``torch.compile`` wrapper; ``save_embedding_layers`` is accepted for PEFT's
     signature: peftcore never adds embedding layers on its own.
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     config = _adapter_config(model, adapter_name)
-    own = hooks.adapter_state_dict(model=model, config=config, adapter_name=adapter_name)
-    if state_dict is None:
-        return own
-    given = {}
-    for key, tensor in state_dict.items():
-        name = disk_key(key, adapter_name, config)
-        if name is not None:
-            given[name] = tensor
-    # the method decides which tensors an adapter has; the caller's dict supplies their values
-    return {name: given.get(name, tensor) for name, tensor in own.items()}
+    with tensors_from(state_dict):
+        return hooks.adapter_state_dict(model=model, config=config, adapter_name=adapter_name)
 
 
 def set_peft_model_state_dict(

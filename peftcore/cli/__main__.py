@@ -2,4 +2,5 @@
 
 from peftcore.cli import main
 
-main(prog_name="peftcore")
+if __name__ == "__main__":  # not in the workers of --nproc-per-node, which re-import this module
+    main(prog_name="peftcore")

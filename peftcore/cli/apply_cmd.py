@@ -89,6 +89,14 @@ COMMON_OPTIONS = [
         default=False,
         help="with --gradient-checkpointing on a GPU: keep the checkpointed layer inputs in host memory",
     ),
+    click.Option(
+        ["--nproc-per-node"],
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="train on N local processes (DDP; gloo on CPU, nccl on GPUs), started by torch's elastic launcher "
+        "(what torchrun runs); each takes a share of every batch, rank 0 evaluates, reports and saves",
+    ),
     click.Option(["--json", "as_json"], is_flag=True, default=False, help="print the results as JSON on stdout"),
 ]
 RESERVED = {name.lstrip("-") for option in COMMON_OPTIONS for name in option.opts} | {"json", "help"}

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from peftcore.cli import assets, models
+from peftcore.cli import adapter_bodies, assets, launch, models
 from peftcore.cli import datasets as data
 from peftcore.cli import training_loop as train
 from peftcore.cli.errors import CliError, user_errors
@@ -20,6 +20,7 @@ from peftcore.cli.render import human_bytes, progress, status, table
 from peftcore.config import TaskType
 from peftcore.files import SAFETENSORS_WEIGHTS_NAME
 from peftcore.loop_hooks import run_length_field
+from peftcore.member_adapters import member_field
 
 SEQ_CLS, CAUSAL_LM = TaskType.SEQ_CLS.value, TaskType.CAUSAL_LM.value
 # Built-in model -> the dataset it trains on when none is given
@@ -51,6 +52,7 @@ class ApplyRequest:
     device: str | None = None
     gradient_checkpointing: bool = False
     offload_activations: bool = False
+    nproc_per_node: int = 1
     as_json: bool = False
 
 
@@ -66,7 +68,7 @@ class Results:
         self.facts[key] = {"before": before, "after": after}
 
 
-def run_apply(request: ApplyRequest) -> None:
+def run_apply(request: ApplyRequest, report: bool = True):
     started = time.perf_counter()
     models.quiet_transformers()
     model_spec = request.model or models.DEFAULT_MODEL
@@ -90,10 +92,17 @@ def run_apply(request: ApplyRequest) -> None:
     out = Path(request.out or _default_out(request.method.name, model_spec, dataset_spec))
     results = Results(facts={"method": request.method.name, "model": model_spec, "task_type": task_type,
                              "dataset": dataset_spec, "out": str(out), "device": request.device})
-    runner = _classification if task_type == SEQ_CLS else _causal_lm
-    with user_errors(hint=f"see `peftcore apply {request.method.name} --help`"):
-        runner(request, config, model_path, dataset_spec, settings, out, results)
+    if request.nproc_per_node > 1 and not launch.in_worker():
+        launch.check_request(request.nproc_per_node, request.batch_size)
+        results, out = launch.launch(run_apply, request, request.nproc_per_node)  # rank 0's results
+    else:
+        runner = _classification if task_type == SEQ_CLS else _causal_lm
+        with user_errors(hint=f"see `peftcore apply {request.method.name} --help`"):
+            runner(request, config, model_path, dataset_spec, settings, out, results)
+        results.facts["processes"] = launch.world_size()
     results.facts["seconds"] = round(time.perf_counter() - started, 1)
+    if not report:
+        return results, out
     _report(results, out, request.as_json)
 
 
@@ -154,13 +163,35 @@ def _attach(request: ApplyRequest, config, base, results: Results, run_steps: in
     if limit is not None and request.max_length > limit:
         raise CliError(f"--max-length {request.max_length} is more than the model's {limit} positions",
                        f"use --max-length {limit} or less")
-    peft_model = get_peft_model(base, config).to(request.device)
+    members = member_field(type(config))
+    peft_model = _attach_over_members(config, members, base, results) if members else get_peft_model(base, config)
+    peft_model = peft_model.to(request.device)
     if request.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(offload=request.offload_activations)
     trainable, total = peft_model.get_nb_trainable_parameters()
     targets = config.target_modules if hasattr(config, "target_modules") else None
     results.facts.update(trainable_params=trainable, total_params=total,
                          targets=sorted(targets) if isinstance(targets, (set, list)) else targets)
+    return peft_model
+
+
+def _attach_over_members(config, field_name: str, base, results: Results):
+    """A method that builds on adapters (fusion): ``--<field>`` lists adapter folders, loaded (layers only) first.
+
+    Each member is named after its folder and saved beside the new adapter, which is
+    ``default`` (the top of --out), so the folder reloads on its own.
+    """
+    from peftcore.peft_model import TASK_MODELS, PeftModel
+
+    folders = [Path(f) for f in getattr(config, field_name)]
+    names = adapter_bodies.names_for(folders)
+    status(f"loading the adapters it builds on: {', '.join(f'{n} ({f})' for n, f in zip(names, folders))}")
+    model_cls = TASK_MODELS.get(str(config.task_type), PeftModel)
+    peft_model, _ = adapter_bodies.load_bodies(base, folders, names, model_cls)
+    setattr(config, field_name, names)
+    peft_model.add_adapter("default", config)
+    peft_model.set_adapter("default")
+    results.facts["members"] = {name: str(folder) for name, folder in zip(names, folders)}
     return peft_model
 
 
@@ -284,13 +315,17 @@ def _every_token_nll(model, examples, pad_id) -> torch.Tensor:
 def _save_and_check(peft_model, out: Path, load_base, outputs_of, expected: torch.Tensor, results: Results) -> None:
     from peftcore import PeftModel
 
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, is_main_process=launch.is_main())  # every rank: sharded adapters gather
+    if not launch.is_main():
+        launch.barrier()  # wait for rank 0's reload check
+        return
     weights = out / SAFETENSORS_WEIGHTS_NAME
     results.facts["adapter_bytes"] = weights.stat().st_size
     status(f"saved the adapter to {out}; reloading it with PeftModel.from_pretrained")
     reloaded = PeftModel.from_pretrained(load_base(), str(out)).to(next(peft_model.parameters()).device)
     diff = (outputs_of(reloaded) - expected).abs().max().item()
     results.facts["reload_max_abs_diff"] = diff
+    launch.barrier()
     if not diff <= RELOAD_TOLERANCE:
         raise CliError(f"the reloaded adapter in {out} changes the outputs (max abs diff {diff:.3g})",
                        "this is a bug in peftcore or the method plugin; please report it")

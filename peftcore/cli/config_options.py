@@ -54,6 +54,17 @@ class FieldType(click.ParamType):
             self.fail(f"{value!r} is not a valid {self.name} ({exc})", param, ctx)
 
 
+class LiteralChoice(click.Choice):
+    """A choice among a ``Literal``'s values that gives back the value itself (``1``, not ``"1"``)."""
+
+    def __init__(self, values: tuple):
+        self.by_text = {str(v): v for v in values}
+        super().__init__(list(self.by_text))
+
+    def convert(self, value, param, ctx):
+        return self.by_text[super().convert(value, param, ctx)]
+
+
 def _strip_optional(annotation: Any) -> Any:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is Union and len(args) == 1:
@@ -107,6 +118,9 @@ def parse_value(annotation: Any, value: str) -> Any:
         return parsed
     if bool in args and value.lower() in ("true", "false", "yes", "no", "1", "0"):
         return _parse_bool(value)
+    literals = {str(v): v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)}
+    if value in literals:
+        return literals[value]
     if str in args:
         return value
     return json.loads(value)
@@ -157,9 +171,9 @@ def build_options(config_class: type, reserved: set[str]) -> tuple[list[click.Op
                 [f"{names[0]}/--no-{flag}"] + names[1:] + [param], default=None, help=shown, hidden=not help_text
             )
         elif typing.get_origin(_strip_optional(annotation)) is Literal:
-            choices = [str(c) for c in typing.get_args(_strip_optional(annotation))]
             option = click.Option(
-                names + [param], type=click.Choice(choices), default=None, help=shown, hidden=not help_text
+                names + [param], type=LiteralChoice(typing.get_args(_strip_optional(annotation))), default=None,
+                help=shown, hidden=not help_text,
             )
         else:
             option = click.Option(

@@ -10,7 +10,13 @@ import torch
 
 from peftcore.cli.errors import CliError
 from peftcore.cli.render import human_bytes, table
-from peftcore.files import CONFIG_NAME, PICKLE_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, AdapterFileError
+from peftcore.files import (
+    CONFIG_NAME,
+    PICKLE_WEIGHTS_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    AdapterFileError,
+    committed_file,
+)
 from peftcore.serialization import LAYER_PREFIX, tensors_by_module
 
 PREFIX = LAYER_PREFIX
@@ -27,31 +33,34 @@ SHOWN_FIELDS = (
 FOLDER_HINT = f"an adapter folder holds {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}, as written by save_pretrained"
 
 
-def _read_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
+def _read_files(folder: Path, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor], int]:
     """The raw config and the tensors; unreadable or missing files are errors, not report lines."""
-    from peftcore.serialization import load_weights
+    from peftcore.config import read_config_json
+    from peftcore.serialization import find_weights, read_weights
 
     if not folder.is_dir():
         raise CliError(f"{folder}: no such folder", FOLDER_HINT)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise CliError(f"{folder}: no {CONFIG_NAME}, so this is not an adapter folder", FOLDER_HINT)
     try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        config_path = committed_file(folder, CONFIG_NAME)
+        if config_path is None:
+            raise CliError(f"{folder}: no {CONFIG_NAME}, so this is not an adapter folder", FOLDER_HINT)
+        raw = read_config_json(config_path)
+    except AdapterFileError as exc:
+        raise CliError(str(exc), "the file is damaged; save the adapter again") from None
+    pickle_only = committed_file(folder, SAFETENSORS_WEIGHTS_NAME) is None and committed_file(
+        folder, PICKLE_WEIGHTS_NAME
+    ) is not None
+    if pickle_only and not allow_pickle:
         raise CliError(
-            f"{config_path}: not valid JSON ({exc})", "the file is damaged; save the adapter again"
-        ) from None
-    if not isinstance(raw, dict):
-        raise CliError(f"{config_path}: expected a JSON object, got {type(raw).__name__}", FOLDER_HINT)
-    weights_path = folder / SAFETENSORS_WEIGHTS_NAME
-    if not weights_path.is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
-        weights_path = folder / PICKLE_WEIGHTS_NAME
+            f"{folder}: the weights are only in {PICKLE_WEIGHTS_NAME}, a pickle file, which can run arbitrary code "
+            "when read", "pass --allow-pickle if you trust where the folder comes from",
+        )
     try:
-        tensors = load_weights(folder, allow_pickle=True)
+        weights_path = find_weights(folder, allow_pickle=allow_pickle)
+        tensors = read_weights(weights_path)
     except AdapterFileError as exc:
         raise CliError(str(exc), "the weights file is missing or damaged; save the adapter again") from None
-    return raw, tensors, weights_path.stat().st_size
+    return raw, tensors, Path(weights_path).stat().st_size
 
 
 def _parse_config(raw: dict, problems: list[str]):
@@ -60,7 +69,7 @@ def _parse_config(raw: dict, problems: list[str]):
     data = {k: v for k, v in raw.items() if k != "runtime_config"}
     try:
         return config_from_dict(data)
-    except (AdapterFileError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # AdapterFileError, ConfigError, a plugin's own checks
         problems.append(f"config does not parse: {exc}")
         return None
 
@@ -110,8 +119,8 @@ def check(raw: dict, tensors: dict[str, torch.Tensor]) -> tuple[list[str], set[s
     return problems, modules
 
 
-def describe(folder: Path) -> dict:
-    raw, tensors, size = _read_files(folder)
+def describe(folder: Path, allow_pickle: bool = False) -> dict:
+    raw, tensors, size = _read_files(folder, allow_pickle)
     problems, modules = check(raw, tensors)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     return {
@@ -128,9 +137,12 @@ def describe(folder: Path) -> dict:
 @click.command("info")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def info(folder: Path, as_json: bool) -> None:
+@click.option("--allow-pickle", is_flag=True,
+              help=f"read {PICKLE_WEIGHTS_NAME} when there is no safetensors file (pickle can run code: trusted "
+                   "files only)")
+def info(folder: Path, as_json: bool, allow_pickle: bool) -> None:
     """Show what the adapter in FOLDER is and check that its files agree (exit 1 if not)."""
-    report = describe(folder)
+    report = describe(folder, allow_pickle)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -17,7 +17,7 @@ from peftcore.cli.render import human_bytes, status, table
 HEAD_WEIGHT = re.compile(r"^base_model\.model\.(?:.*\.)?(?:classifier|score)(?:\..*)?\.weight$")
 
 
-def _num_labels(weights: dict[str, torch.Tensor]) -> int | None:
+def num_labels_of_head(weights: dict[str, torch.Tensor]) -> int | None:
     rows = [t.shape[0] for k, t in weights.items() if HEAD_WEIGHT.match(k) and t.dim() == 2]
     return min(rows) if rows else None
 
@@ -47,7 +47,7 @@ def load_adapter_strict(base, folder: str):
     return model.eval(), config
 
 
-def _probe_inputs(model) -> dict[str, torch.Tensor]:
+def probe_inputs(model) -> dict[str, torch.Tensor]:
     vocab = getattr(model.config, "vocab_size", None) or 100
     ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -57,7 +57,7 @@ def _probe_inputs(model) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _first_output(model, inputs) -> torch.Tensor:
+def first_output(model, inputs) -> torch.Tensor:
     out = model(**inputs)
     value = out.logits if hasattr(out, "logits") else out[0]
     return value.float()
@@ -81,6 +81,7 @@ def _first_output(model, inputs) -> torch.Tensor:
 def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | None) -> None:
     """Merge the adapter in ADAPTER into its base model and save a plain transformers model (+ tokenizer)."""
     from peftcore.config import read_config
+    from peftcore.member_adapters import member_names
     from peftcore.plugins import get_method
     from peftcore.serialization import load_weights
 
@@ -90,6 +91,11 @@ def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | No
         weights = load_weights(adapter)
     if out.resolve() == adapter.resolve():
         raise CliError("--out is the adapter folder; the merged model needs a folder of its own", "pass another --out")
+    members = member_names(config)
+    if members:
+        raise CliError(f"{adapter} holds a {config.peft_type} adapter built on adapters {members}; its output depends "
+                       "on theirs and on the input, so it has no weight change to fold into the base model",
+                       "merge one of its member adapters, or combine them with `peftcore fuse`")
     if get_method(config.peft_type).kind != "layer":
         raise CliError(f"{config.peft_type} adapters edit the model's inputs and have no weights to merge",
                        "load them with PeftModel.from_pretrained instead")
@@ -100,17 +106,17 @@ def merge(adapter: Path, model_spec: str | None, out: Path, num_labels: int | No
     task = str(config.task_type) if config.task_type else None
     kwargs = {}
     if task in ("SEQ_CLS", "TOKEN_CLS"):
-        kwargs["num_labels"] = num_labels or _num_labels(weights) or 2
+        kwargs["num_labels"] = num_labels or num_labels_of_head(weights) or 2
         kwargs["ignore_mismatched_sizes"] = True  # the base's own head is replaced by the adapter's (modules_to_save)
     status(f"loading {path}")
     base = models.load_model(path, task, **kwargs)
     with user_errors(hint=f"pass the base model the adapter was trained on ({config.base_model_name_or_path!r})"):
         peft_model, _ = load_adapter_strict(base, str(adapter))
-    inputs = _probe_inputs(base)
-    expected = _first_output(peft_model, inputs)
+    inputs = probe_inputs(base)
+    expected = first_output(peft_model, inputs)
     adapted = len(peft_model.base_model.adapter_layers())
     merged = peft_model.merge_and_unload()
-    diff = (_first_output(merged, inputs) - expected).abs().max().item()
+    diff = (first_output(merged, inputs) - expected).abs().max().item()
     with user_errors():
         merged.save_pretrained(out)
         tokenizer = models.load_tokenizer(str(adapter), required=False) or models.load_tokenizer(path, required=False)

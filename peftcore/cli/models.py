@@ -60,10 +60,20 @@ def infer_task_type(path: str) -> str:
     return TaskType.SEQ_CLS.value
 
 
-def load_model(path: str, task_type: str | None, **kwargs):
+def model_class(path: str, task_type: str | None):
+    """The transformers class to load ``path`` with: the task's Auto class, or without a task (PEFT's
+    ``task_type: null``) the class the checkpoint names in its ``architectures``, as the user had it."""
     import transformers
 
-    auto = getattr(transformers, AUTO_CLASSES.get(str(task_type) if task_type else "", "AutoModel"))
+    if task_type:
+        return getattr(transformers, AUTO_CLASSES.get(str(task_type), "AutoModel"))
+    architectures = read_config(path).get("architectures") or []
+    own = getattr(transformers, architectures[0], None) if len(architectures) == 1 else None
+    return own if isinstance(own, type) else transformers.AutoModel
+
+
+def load_model(path: str, task_type: str | None, **kwargs):
+    auto = model_class(path, task_type)
     try:
         return auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import click
 
+from peftcore.cli import launch
+
 
 def table(rows: list[list[str]], header: list[str] | None = None) -> str:
     body = [header] + rows if header else rows
@@ -30,8 +32,9 @@ def human_bytes(size: int) -> str:
 
 
 def status(message: str) -> None:
-    """A progress line for humans (stderr, so stdout stays the result)."""
-    click.echo(message, err=True)
+    """A progress line for humans (stderr, so stdout stays the result); rank 0's only in a multi-process run."""
+    if launch.is_main():
+        click.echo(message, err=True)
 
 
 @contextmanager
@@ -42,6 +45,9 @@ def progress(length: int, label: str):
     def show(_):
         return f"loss {shown['loss']:.4f}" if shown["loss"] is not None else ""
 
+    if not launch.is_main():
+        yield lambda loss=None: None
+        return
     with click.progressbar(length=length, label=label, file=sys.stderr, item_show_func=show, show_pos=True) as bar:
         def advance(loss: float | None = None) -> None:
             shown["loss"] = loss

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from peftcore.cli import launch
 from peftcore.cli.datasets import LabelledText, PromptCompletions
 from peftcore.loop_hooks import optimizer_step_done
 
@@ -143,12 +144,17 @@ def fit(model: nn.Module, examples: list[dict], pad_token_id: int, settings: Tra
         optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
     torch.manual_seed(settings.seed)  # dropout masks
     model.train()
+    rank, world = launch.rank(), launch.world_size()
+    # several processes (peftcore apply --nproc-per-node): DDP, each rank taking its share of every batch
+    runner = model if world == 1 else nn.parallel.DistributedDataParallel(model)
     losses: list[float] = []
     epoch = 0
     while len(losses) < steps:
         order = length_grouped_order(examples, settings.batch_size, settings.seed + epoch)
         for batch in batches(examples, settings.batch_size, pad_token_id, order):
-            loss = model(**to_device(batch, model)).loss
+            if world > 1:
+                batch = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
+            loss = runner(**to_device(batch, model)).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at step {len(losses) + 1}; lower --lr")
             loss.backward()
@@ -156,7 +162,7 @@ def fit(model: nn.Module, examples: list[dict], pad_token_id: int, settings: Tra
             optimizer_step_done(model, len(losses))  # while the gradients are still there (AdaLoRA scores them)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(_mean_over_ranks(loss.detach(), world))
             if on_step is not None:
                 on_step(len(losses), losses[-1])
             if len(losses) == steps:
@@ -164,6 +170,16 @@ def fit(model: nn.Module, examples: list[dict], pad_token_id: int, settings: Tra
         epoch += 1
     model.eval()
     return losses
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return loss.item()
 
 
 # -- evaluation --------------------------------------------------------------------------------

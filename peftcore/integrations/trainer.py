@@ -28,7 +28,10 @@ ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
   the mixin adds :class:`PeftcoreCallback`, which calls the ``on_optimizer_step``
   hook. A stock ``Trainer`` takes it as ``callbacks=[PeftcoreCallback()]``.
 
-Any model that is not a peftcore ``PeftModel`` goes through the Trainer's own code.
+Under DDP, FSDP and DeepSpeed ``save_model`` runs on every rank and saves through
+``save_pretrained``, which gathers only the adapter's shards (FSDP2, ZeRO-3) and writes on
+the main process (docs/distributed.md). Any model that is not a peftcore ``PeftModel``
+goes through the Trainer's own code.
 Other trainers built on ``Trainer`` (e.g. TRL's) take the mixin first:
 ``class MySFTTrainer(PeftTrainerMixin, SFTTrainer): pass``.
 """
@@ -46,7 +49,7 @@ from peftcore import serialization
 from peftcore.files import SAFETENSORS_WEIGHTS_NAME, AdapterFileError
 from peftcore.loop_hooks import optimizer_step_done, run_length_field, unwrap
 from peftcore.peft_model import PeftModel
-from peftcore.plugins import hooks, method_for_config
+from peftcore.plugins import hooks
 
 TRAINING_ARGS_NAME = "training_args.bin"  # what the stock Trainer writes beside the weights
 
@@ -68,17 +71,6 @@ def load_adapter_weights(model: PeftModel, folder: str | os.PathLike, adapter_na
             f"{folder}: adapter {adapter_name!r} does not match the model: "
             f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
         )
-
-
-def _adapter_tensors_from(state_dict: dict[str, torch.Tensor], config, adapter_name: str) -> dict[str, torch.Tensor]:
-    """PEFT's on-disk tensors of one adapter, picked from a full (e.g. gathered) model state dict."""
-    method = method_for_config(config)
-    out = {}
-    for key, tensor in state_dict.items():
-        name = serialization.disk_key(key, adapter_name, config, method)
-        if name is not None:
-            out[name] = tensor
-    return out
 
 
 class PeftcoreCallback(TrainerCallback):
@@ -129,6 +121,23 @@ class PeftTrainerMixin:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         return model if isinstance(model, PeftModel) else None
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Adapter files only, from every rank: sharded adapters (FSDP2, ZeRO-3) are gathered, rank 0 writes.
+
+        The stock ``save_model`` gathers the *whole* model (FSDP's full state dict, DeepSpeed's
+        consolidated weights; ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save``
+        hands ``_save`` an empty dict, peft #2500); here only the adapter's tensors move.
+        """
+        model = self._peftcore_model()
+        if model is None:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model.save_pretrained(output_dir, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            self._save_beside_adapter(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._peftcore_model()
         if model is None:
@@ -136,15 +145,14 @@ class PeftTrainerMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
+        # a state dict the caller gathered (transformers' own save paths): the adapters are written from
+        # it and the live parameters, which may be shards, are not touched
+        model.save_pretrained(output_dir, is_main_process=True, state_dict=state_dict or None)
+        self._save_beside_adapter(output_dir)
+
+    def _save_beside_adapter(self, output_dir: str) -> None:
+        """What the stock Trainer writes next to the weights: the tokenizer (or processor) and the arguments."""
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, is_main_process=True)
-        if state_dict is not None:
-            # DeepSpeed/FSDP hand over a gathered state dict because the live parameters may be
-            # shards: write the adapters from it instead (layer methods name tensors after parameters).
-            for name, config in model.peft_config.items():
-                if method_for_config(config).kind == "layer":
-                    tensors = _adapter_tensors_from(state_dict, config, name)
-                    serialization.save_weights(tensors, adapter_folder(output_dir, name))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:
@@ -162,6 +170,8 @@ class PeftTrainerMixin:
             load_adapter_weights(model, folder, name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # under FSDP2 the Trainer passes the sharded model itself (still a PeftModel): its shards are
+        # loaded in place; an FSDP1 wrapper goes to the Trainer's own FSDP checkpoint loading
         target = model if model is not None else self._peftcore_model()
         if not isinstance(target, PeftModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)

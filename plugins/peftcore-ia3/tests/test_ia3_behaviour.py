@@ -176,22 +176,6 @@ def test_disable_adapter_gives_the_base_outputs():
     assert not torch.allclose(logits(model, inputs), reference)
 
 
-def test_add_weighted_adapter_sums_the_vectors():
-    model, _, _ = _ia3_model("llama")
-    model.add_adapter("other", IA3Config(task_type="CAUSAL_LM"))
-    randomize_vectors(model, seed=5)
-    model.add_weighted_adapter(["default", "other"], [0.3, 0.7], "mix")
-    params = dict(model.named_parameters())
-    mixed = [n for n in params if n.endswith(".ia3_l.mix")]
-    assert len(mixed) == 6
-    for name in mixed:
-        expected = 0.3 * params[name.replace(".mix", ".default")] + 0.7 * params[name.replace(".mix", ".other")]
-        torch.testing.assert_close(params[name], expected)
-        assert not params[name].requires_grad
-    with pytest.raises(ValueError, match="weighted sum"):
-        model.add_weighted_adapter(["default", "other"], [1, 1], "bad", combination_type="ties")
-
-
 # -- configs ------------------------------------------------------------------------
 
 

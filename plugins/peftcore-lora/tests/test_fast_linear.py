@@ -476,3 +476,74 @@ def test_recipe_shape_rule_is_torchs_broadcasting(a, b):
     except RuntimeError:
         expected = None
     assert rebuild._broadcast(a, b) == expected
+
+
+# -- non-finite values: the fused path gives what the plain path (and peft) gives ----------------------------------
+
+
+def _forward(model, x, monkeypatch, fast_on: bool, adapter_names=None):
+    monkeypatch.setenv("PEFTCORE_LORA_FAST", "1" if fast_on else "0")
+    with torch.no_grad():
+        return model(x) if adapter_names is None else model(x, adapter_names=adapter_names)
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_non_finite_scaling_gives_the_plain_paths_outputs(monkeypatch, scaling, grad):
+    """BLAS drops a NaN ``alpha`` in ``addmm_`` at these sizes (the product is added unscaled): the fused
+    path used to return finite outputs where the plain path returns NaN."""
+    model = _build({}, (64, 64, 64), conv1d=False).eval()
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.scaling["default"] = scaling  # e.g. set_scale(nan), or a config from before validation
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1), requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        monkeypatch.setenv("PEFTCORE_LORA_FAST", "1")
+        fused = model(x).detach()
+        monkeypatch.setenv("PEFTCORE_LORA_FAST", "0")
+        plain = model(x).detach()
+    assert not torch.isfinite(plain).all()
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0, equal_nan=True)
+    mixed = {fast_on: _forward(model, x[:4], monkeypatch, fast_on, ["default", "__base__"] * 2) for fast_on in (1, 0)}
+    torch.testing.assert_close(mixed[1], mixed[0], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["input", "lora_A", "lora_B", "base weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_and_weights_give_the_plain_paths_outputs(monkeypatch, where, value):
+    model = _build({}, (64, 64, 64), conv1d=False).eval()
+    layer = model.base_model.model.c  # the last layer, so nothing squashes the non-finite values
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if where == "input":
+            x[3, 5] = value
+        else:
+            tensor = {"lora_A": layer.lora_A["default"].weight, "lora_B": layer.lora_B["default"].weight,
+                      "base weight": layer.base_layer.weight}[where]
+            tensor[1, 2] = value
+    fused, plain = (_forward(layer, x, monkeypatch, fast_on) for fast_on in (True, False))
+    assert not torch.isfinite(plain).all()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["input", "lora_A", "lora_B"])
+def test_non_finite_values_give_the_plain_paths_gradients(monkeypatch, where):
+    model = _build({}, (64, 64, 64), conv1d=False)
+    layer = model.base_model.model.c
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.no_grad():
+        if where == "input":
+            x[3, 5] = float("inf")
+        else:
+            {"lora_A": layer.lora_A, "lora_B": layer.lora_B}[where]["default"].weight[1, 2] = float("nan")
+    results = {}
+    for fast_on in (True, False):
+        monkeypatch.setenv("PEFTCORE_LORA_FAST", "1" if fast_on else "0")
+        layer.zero_grad()
+        x.grad = None
+        out = layer(x)
+        out.sum().backward()
+        results[fast_on] = (out.detach(), x.grad.clone(), layer.lora_A["default"].weight.grad.clone(),
+                            layer.lora_B["default"].weight.grad.clone())
+    for fused, plain in zip(results[True], results[False]):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -6,7 +6,6 @@ the wrapped transformers model, e.g. ``bert.encoder.layer.0.attention.self.query
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -49,17 +48,7 @@ class RankAllocator:
     def __init__(self, model: nn.Module, peft_config, adapter_name: str):
         self.peft_config = peft_config
         self.adapter_name = adapter_name
-        self.beta1, self.beta2 = peft_config.beta1, peft_config.beta2
-        for name in ("beta1", "beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"AdaLoraConfig: {name} must be strictly between 0 and 1, got {getattr(self, name)}")
-        if peft_config.target_r > peft_config.init_r:
-            # PEFT fails at the first masking step (kthvalue with k < 0); here nothing is ever pruned
-            warnings.warn(
-                f"AdaLoraConfig: target_r ({peft_config.target_r}) exceeds init_r ({peft_config.init_r}); ranks can "
-                "only shrink, so update_and_allocate will prune nothing. Set target_r <= init_r.",
-                stacklevel=2,
-            )
+        self.beta1, self.beta2 = peft_config.beta1, peft_config.beta2  # in (0, 1), target_r <= init_r: the config
         self.reset_ipt()
         self._set_budget_scheduler(model)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peftcore import LayerConfig
+from peftcore.config import united
+from peftcore.validation import DROPOUT, NON_NEGATIVE, POSITIVE, ConfigError, Range, check_left_off
 
 # PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (peft 0.21).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -41,8 +44,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 UNSUPPORTED_WHEN_SET = (
     "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "alora_invocation_tokens", "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config", "use_dora", "lora_bias", "use_qalora", "ensure_weight_tying",
+    "arrow_config", "kasa_config", "use_dora", "lora_bias", "use_qalora", "ensure_weight_tying", "loftq_config",
 )
+# 0 would keep no history, 1 would never move the averages from their start
+EMA_FACTOR = Range(low=0, high=1, low_open=True, high_open=True)
 _RANK_PATTERN_KEY = re.compile(r"(?P<module>.+)\.lora_E(?:\.(?P<adapter>[^.]+))?")
 
 
@@ -67,16 +72,17 @@ class AdaLoraConfig(LayerConfig):
     """
 
     # -- LoRA's fields, as PEFT's AdaLoraConfig inherits them ---------------------------
-    r: int = field(default=8, metadata={"help": "unused by AdaLoRA (PEFT keeps it from LoRA); set init_r instead"})
+    r: int = field(default=8, metadata={
+        "help": "unused by AdaLoRA (PEFT keeps it from LoRA); set init_r instead", "range": POSITIVE})
     target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
         "help": "module names (exact or dotted suffix), a regex matched against the full name, or 'all-linear'; "
                 "None uses PEFT's AdaLoRA default for the architecture"})
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={
         "help": "module names or a regex of modules never to adapt"})
-    lora_alpha: int = field(
+    lora_alpha: Union[int, float] = field(
         default=8, metadata={"help": "scaling numerator: delta W = B (A * E) * lora_alpha / ranknum"}
     )
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input", "range": DROPOUT})
     fan_in_fan_out: bool = field(default=False, metadata={
         "help": "the wrapped layer stores its weight as (in, out), as GPT-2's Conv1D (set automatically)"})
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={
@@ -84,13 +90,13 @@ class AdaLoraConfig(LayerConfig):
     use_rslora: bool = field(default=False, metadata={"help": "no effect on AdaLoRA (PEFT ignores it too)"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={
         "help": "modules trained in full and saved beside the adapter (e.g. a classifier head)"})
-    init_lora_weights: Union[bool, str] = field(default=True, metadata={
+    init_lora_weights: bool = field(default=True, metadata={
         "help": "True: E = 0 and A, B ~ N(0, 0.02), so a fresh adapter changes nothing; False: random normal"})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={
-        "help": "only adapt these layer indices"})
+        "help": "only adapt these layer indices", "range": NON_NEGATIVE})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={
         "help": "name of the layer list for layers_to_transform, e.g. 'layers' or 'h'"})
-    rank_pattern: Optional[dict] = field(default=None, metadata={
+    rank_pattern: Optional[dict[str, list[bool]]] = field(default=None, metadata={
         "help": "the allocation the RankAllocator made ({'<module>.lora_E': [kept?, ...]}); written on save, "
                 "applied on load to shrink the matrices"})
     alpha_pattern: Optional[dict] = field(
@@ -113,7 +119,7 @@ class AdaLoraConfig(LayerConfig):
         default=None, metadata={"help": "not supported (must stay None)"}
     )
     use_qalora: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
-    qalora_group_size: int = field(default=16, metadata={"help": "not used"})
+    qalora_group_size: int = field(default=16, metadata={"help": "not used", "range": POSITIVE})
     monteclora_config: Optional[dict] = field(default=None, metadata={"help": "not supported (must stay None)"})
     layer_replication: Optional[list] = field(default=None, metadata={"help": "not supported (must stay None)"})
     lora_bias: bool = field(default=False, metadata={"help": "not supported by AdaLoRA (must stay False)"})
@@ -124,26 +130,27 @@ class AdaLoraConfig(LayerConfig):
     ensure_weight_tying: bool = field(default=False, metadata={"help": "not supported (must stay False)"})
 
     # -- AdaLoRA's own fields ---------------------------------------------------------------
-    target_r: int = field(default=8, metadata={"help": "average rank per module once the budget has decayed"})
-    init_r: int = field(default=12, metadata={"help": "rank of every module at the start"})
-    tinit: int = field(default=0, metadata={"help": "warm-up steps before the budget starts to shrink"})
-    tfinal: int = field(default=0, metadata={"help": "final steps with the allocation fixed"})
-    deltaT: int = field(default=1, metadata={"help": "steps between two reallocations"})
-    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity |p * grad|"})
-    beta2: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity's uncertainty"})
+    target_r: int = field(default=8, metadata={
+        "help": "average rank per module once the budget has decayed (at most init_r)", "range": POSITIVE})
+    init_r: int = field(default=12, metadata={"help": "rank of every module at the start", "range": POSITIVE})
+    tinit: int = field(default=0, metadata={
+        "help": "warm-up steps before the budget starts to shrink", "range": NON_NEGATIVE})
+    tfinal: int = field(default=0, metadata={"help": "final steps with the allocation fixed", "range": NON_NEGATIVE})
+    deltaT: int = field(default=1, metadata={"help": "steps between two reallocations", "range": POSITIVE})
+    beta1: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity |p * grad|",
+                                                 "range": EMA_FACTOR})
+    beta2: float = field(default=0.85, metadata={"help": "EMA factor of the sensitivity's uncertainty",
+                                                 "range": EMA_FACTOR})
     orth_reg_weight: float = field(default=0.5, metadata={
-        "help": "weight of the orthogonality regulariser mean ||P^T P - I||_F added to the training loss"})
+        "help": "weight of the orthogonality regulariser mean ||P^T P - I||_F added to the training loss",
+        "range": NON_NEGATIVE})
     total_step: Optional[int] = field(default=None, metadata={
-        "help": "total training steps (required, > 0)", "run_length": True})
+        "help": "total training steps (required, > 0)", "run_length": True, "required": True, "range": POSITIVE})
 
     def __post_init__(self):
         self.peft_type = "ADALORA"
-        super().__post_init__()
-        for name in UNSUPPORTED_WHEN_SET:
-            if getattr(self, name) not in (None, {}, [], False):
-                raise ValueError(f"AdaLoraConfig: {name}={getattr(self, name)!r} is not supported by AdaLoRA")
-        if self.loftq_config not in (None, {}):
-            raise ValueError("AdaLoraConfig: loftq_config is not supported by AdaLoRA")
+        super().__post_init__()  # types and ranges of every field (peftcore.validation)
+        check_left_off(self, UNSUPPORTED_WHEN_SET, "AdaLoRA")
         if self.r != 8:
             warnings.warn(
                 "AdaLoraConfig: r is not used by AdaLoRA and is ignored; set the initial rank with init_r", stacklevel=3
@@ -152,45 +159,31 @@ class AdaLoraConfig(LayerConfig):
             warnings.warn(
                 "AdaLoraConfig: use_rslora and alpha_pattern have no effect on AdaLoRA (as in PEFT)", stacklevel=3
             )
-        self._check_schedule()
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"AdaLoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"AdaLoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.rank_pattern is not None:
-            self._check_rank_pattern()
-
-    def _check_schedule(self) -> None:
-        for name in ("init_r", "target_r", "tinit", "tfinal", "deltaT"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"AdaLoraConfig: {name} must be a non-negative integer, got {value!r}")
-        if self.deltaT < 1:
-            raise ValueError(f"AdaLoraConfig: deltaT must be at least 1, got {self.deltaT}")
-        if (
-            self.total_step is None
-            or isinstance(self.total_step, bool)
-            or not isinstance(self.total_step, int)
-            or self.total_step <= 0
-        ):
-            raise ValueError(
-                "AdaLoraConfig: total_step is required and must be an integer > 0 (the number of training steps), "
-                f"got {self.total_step!r}"
+        if self.target_r > self.init_r:
+            raise ConfigError(
+                f"AdaLoraConfig: target_r={self.target_r} exceeds init_r={self.init_r}; the budget only shrinks, "
+                "so target_r must be at most init_r", "target_r", self.target_r,
             )
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"AdaLoraConfig: orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(
+            raise ConfigError(
                 f"AdaLoraConfig: tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no "
-                "budgeting phase (need tinit < total_step - tfinal); decrease tinit/tfinal or increase total_step"
+                "budgeting phase (need tinit < total_step - tfinal); decrease tinit/tfinal or increase total_step",
+                "tinit", self.tinit,
             )
-
-    def _check_rank_pattern(self) -> None:
-        if not isinstance(self.rank_pattern, dict):
-            raise ValueError(f"AdaLoraConfig: rank_pattern must be a dict, got {type(self.rank_pattern).__name__}")
-        for key, mask in self.rank_pattern.items():
-            rank_pattern_module(key)
-            if not isinstance(mask, (list, tuple)) or not all(isinstance(v, bool) or v in (0, 1) for v in mask):
-                raise ValueError(
-                    f"AdaLoraConfig: rank_pattern[{key!r}] must be a list of booleans (kept ranks), got {mask!r}"
+        for key, kept in (self.rank_pattern or {}).items():
+            try:
+                rank_pattern_module(key)
+            except ValueError as exc:
+                raise ConfigError(str(exc), "rank_pattern", self.rank_pattern) from None
+            if len(kept) != self.init_r:
+                raise ConfigError(
+                    f"AdaLoraConfig: rank_pattern[{key!r}] has {len(kept)} entries but init_r is {self.init_r} "
+                    "(one kept-or-not flag per initial rank)", "rank_pattern", self.rank_pattern,
                 )
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "AdaLoraConfig":
+        """A frozen AdaLoRA adapter of rank ``rank`` everywhere (no allocation: one trainable adapter per model)."""
+        return dataclasses.replace(
+            self, init_r=rank, target_r=rank, rank_pattern=None, inference_mode=True, init_lora_weights=False,
+            target_modules=united([s.target_modules for s in sources], "target_modules"),
+        )

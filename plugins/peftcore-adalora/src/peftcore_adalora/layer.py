@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore import AdapterLayer
-from peftcore.layer import linear_features, transpose
+from peftcore.layer import LowRankDelta, linear_features, padded_factors, transpose
 
 RANKNUM_EPS = 1e-5
 
@@ -92,6 +92,22 @@ class AdaLoraLayer(AdapterLayer):
     def factor(self, adapter_name: str) -> torch.Tensor:
         """scaling / (ranknum + eps), as a tensor so it follows device and dtype."""
         return self.scaling[adapter_name] / (self.ranknum[adapter_name] + RANKNUM_EPS)
+
+    # -- combining (the low-rank contract of peftcore.layer) ------------------------
+
+    def low_rank_delta(self, adapter_name: str) -> LowRankDelta:
+        """ΔW = B (A ⊙ E) · scaling / ranknum: up = B, down = A ⊙ E (A spans the flattened kernel already)."""
+        a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
+        return LowRankDelta(up=b, down=a * e, scale=float(self.factor(adapter_name)))
+
+    @torch.no_grad()
+    def set_low_rank_delta(self, adapter_name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        """A = down, E = 1, B = up / factor: the triplets beyond the product's rank are zero."""
+        a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
+        up, down = padded_factors(up, down, a.shape[0])
+        a.copy_(down.to(a.dtype))
+        e.fill_(1.0)
+        b.copy_((up / self.factor(adapter_name)).to(b.dtype))
 
 class SVDLinear(AdaLoraLayer):
     """AdaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (weights stored transposed)."""

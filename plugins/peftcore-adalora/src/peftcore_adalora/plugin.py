@@ -188,10 +188,3 @@ def check_adapter_files(config, tensors):
             problems.append(f"{module}: triplet shapes A {tuple(a.shape)}, E {tuple(e.shape)}, B {tuple(b.shape)} do "
                             f"not fit rank {rank} ({source})")
     return problems
-
-
-@hookimpl
-def combine_adapters(model, adapters, weights, adapter_name, combination_type, options):
-    if any(isinstance(model.peft_config[a], AdaLoraConfig) for a in adapters):
-        raise TypeError("AdaLoRA does not support add_weighted_adapter (as in PEFT); use LoRA adapters for that")
-    return None

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peftcore import LayerConfig
+from peftcore.config import united
+from peftcore.validation import NON_NEGATIVE, ConfigError, check_regex
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (peft 0.21).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -98,7 +101,8 @@ class IA3Config(LayerConfig):
     init_ia3_weights: bool = field(default=True, metadata={
         "help": "initialise the vectors to ones, so a fresh adapter changes nothing (False: random normal)"})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={
-        "help": "only adapt these layer indices (peftcore extension; PEFT's IA3Config has no such field)"})
+        "help": "only adapt these layer indices (peftcore extension; PEFT's IA3Config has no such field)",
+        "range": NON_NEGATIVE})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={
         "help": "name of the layer list for layers_to_transform, e.g. 'layers' or 'h'"})
 
@@ -107,15 +111,23 @@ class IA3Config(LayerConfig):
         super().__post_init__()
         if isinstance(self.feedforward_modules, (list, tuple, set)):
             self.feedforward_modules = set(self.feedforward_modules)
-        if not isinstance(self.init_ia3_weights, bool):
-            raise ValueError(f"IA3Config: init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+        if isinstance(self.feedforward_modules, str):
+            check_regex(self, "feedforward_modules", self.feedforward_modules)
         if isinstance(self.feedforward_modules, set) and isinstance(self.target_modules, set):
             extra = self.feedforward_modules - self.target_modules
             if extra:
-                raise ValueError(
+                raise ConfigError(
                     f"IA3Config: feedforward_modules must be a subset of target_modules; {sorted(extra)} "
-                    f"are not in target_modules {sorted(self.target_modules)}"
+                    f"are not in target_modules {sorted(self.target_modules)}", "feedforward_modules", extra,
                 )
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "IA3Config":
+        """PEFT's IA3 rule for a combined adapter: targets and feedforward modules united over ``sources``."""
+        return dataclasses.replace(
+            self,
+            target_modules=united([s.target_modules for s in sources], "target_modules"),
+            feedforward_modules=united([s.feedforward_modules for s in sources], "feedforward_modules"),
+        )
 
     def is_feedforward(self, module_name: str) -> bool:
         """PEFT's rule: a regex must match the full name; names match as a plain suffix."""

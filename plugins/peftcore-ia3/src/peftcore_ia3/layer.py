@@ -54,6 +54,11 @@ class IA3Layer(ScalingAdapterLayer):
     def scaling_vector(self, adapter_name: str) -> torch.Tensor:
         return self.ia3_l[adapter_name].data
 
+    @torch.no_grad()
+    def set_scaling_vector(self, adapter_name: str, vector: torch.Tensor) -> None:
+        target = self.ia3_l[adapter_name]
+        target.copy_(vector.reshape(target.shape).to(target.dtype))
+
     def bias_scaling(self, adapter_name: str) -> torch.Tensor | None:
         # scaling the input leaves the bias alone; scaling the output scales it too
         bias = getattr(self.get_base_layer(), "bias", None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from peftcore import LayerSupport, Method, hookimpl
@@ -16,8 +15,6 @@ from peftcore_ia3.layer import Conv2d, Conv3d, IA3Layer, Linear
 __all__ = ["IA3Config", "IA3Layer"]
 
 TENSOR_PREFIXES = ("ia3_",)
-# add_weighted_adapter's core default is "svd" (LoRA's); for vectors every choice means a weighted sum
-WEIGHTED_COMBINATIONS = ("linear", "svd")
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -89,45 +86,3 @@ def check_adapter_files(config, tensors):
             want = "(1, in) for a feedforward module" if feedforward else "(out, 1)"
             problems.append(f"{module}: ia3_l has shape {tuple(vector.shape)}, expected {want} (feedforward_modules)")
     return problems
-
-
-@hookimpl
-def combine_adapters(model, adapters, weights, adapter_name, combination_type, options):
-    """PEFT's IA3 ``add_weighted_adapter``: the new vector is the weighted sum of the others."""
-    configs = [model.peft_config[a] for a in adapters]
-    if not all(isinstance(c, IA3Config) for c in configs):
-        return None
-    if combination_type not in WEIGHTED_COMBINATIONS:
-        raise ValueError(f"(IA)^3 adapters combine only as a weighted sum ('linear'), not {combination_type!r}")
-    for key, wrapper in model.saved_module_wrappers():
-        holders = [a for a in adapters if a in wrapper.modules_to_save]
-        if len(holders) > 1:
-            raise ValueError(f"Cannot combine adapters {holders}: each trains its own copy of {key} (modules_to_save)")
-    new_config = dataclasses.replace(
-        configs[0],
-        target_modules=_union([c.target_modules for c in configs], "target_modules"),
-        feedforward_modules=_union([c.feedforward_modules for c in configs], "feedforward_modules"),
-    )
-    model.inject_adapter(new_config, adapter_name)
-    model.set_adapter(model.active_adapter)
-    with torch.no_grad():
-        for _, layer in model.adapter_layers():
-            if not isinstance(layer, IA3Layer) or adapter_name not in layer.ia3_l:
-                continue
-            target = layer.ia3_l[adapter_name]
-            target.zero_()
-            for adapter, weight in zip(adapters, weights):
-                if adapter in layer.ia3_l:
-                    target += layer.ia3_l[adapter] * weight
-    return True
-
-
-def _union(values: list, what: str):
-    """PEFT's rule: sets are united, regex strings joined into one alternation."""
-    kinds = {type(v) for v in values}
-    if len(kinds) > 1:
-        raise ValueError(f"Cannot combine (IA)^3 adapters whose {what} mix a regex string and a list")
-    if str in kinds:
-        return "|".join(f"({v})" for v in values)
-    return set().union(*values)
-

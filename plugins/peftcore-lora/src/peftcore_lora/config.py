@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peftcore import LayerConfig
+from peftcore.config import united
+from peftcore.validation import DROPOUT, POSITIVE, ConfigError, check_left_off, check_regex
 
 # Default targets when target_modules is None: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 # (peft 0.21), plus architectures PEFT lacks (distilbert, mbart, phi3, gemma3, vit). A string is a regex.
@@ -57,26 +60,31 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "mbart": ["q_proj", "v_proj"],
     "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value
 }
-SUPPORTED_INITS = (True, False, "gaussian", "pissa", "olora")
 # Fields PEFT writes that peftcore-lora accepts only at their "off" value.
 UNSUPPORTED_WHEN_SET = (
     "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "alora_invocation_tokens", "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config",
+    "arrow_config", "kasa_config", "loftq_config", "use_qalora", "ensure_weight_tying",
 )
 
 
 @dataclass
 class LoraConfig(LayerConfig):
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=8, metadata={"help": "scaling numerator: scale = lora_alpha / r"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    r: int = field(default=8, metadata={"help": "LoRA rank", "range": POSITIVE})
+    lora_alpha: Union[int, float] = field(default=8, metadata={"help": "scaling numerator: scale = lora_alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input", "range": DROPOUT})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "weights stored (in, out), as GPT-2's Conv1D"})
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "which biases train"})
     use_rslora: bool = field(default=False, metadata={"help": "scale = lora_alpha / sqrt(r)"})
-    init_lora_weights: Union[bool, str] = field(default=True, metadata={"help": "True, False, gaussian, pissa, olora"})
-    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "per-module r by name pattern"})
-    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "per-module alpha by name pattern"})
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora"]] = field(
+        default=True, metadata={"help": "True, False, gaussian, pissa, olora"}
+    )
+    rank_pattern: Optional[dict[str, int]] = field(
+        default_factory=dict, metadata={"help": "per-module r by name pattern", "range": POSITIVE}
+    )
+    alpha_pattern: Optional[dict[str, Union[int, float]]] = field(
+        default_factory=dict, metadata={"help": "per-module alpha by name pattern"}
+    )
     megatron_config: Optional[dict] = field(default=None)
     megatron_core: Optional[str] = field(default="megatron.core")
     trainable_token_indices: Optional[Union[list[int], dict]] = field(default=None)
@@ -88,7 +96,7 @@ class LoraConfig(LayerConfig):
     velora_config: Optional[dict] = field(default=None)
     alora_invocation_tokens: Optional[list[int]] = field(default=None)
     use_qalora: bool = field(default=False)
-    qalora_group_size: int = field(default=16)
+    qalora_group_size: int = field(default=16, metadata={"range": POSITIVE})
     monteclora_config: Optional[dict] = field(default=None)
     layer_replication: Optional[list] = field(default=None)
     lora_bias: bool = field(default=False, metadata={"help": "give lora_B a trainable bias"})
@@ -100,32 +108,23 @@ class LoraConfig(LayerConfig):
 
     def __post_init__(self):
         self.peft_type = "LORA"
-        super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoraConfig: r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in SUPPORTED_INITS:
-            raise ValueError(
-                f"LoraConfig: init_lora_weights={self.init_lora_weights!r} is not supported by peftcore-lora; "
-                f"use one of {SUPPORTED_INITS}"
-            )
+        super().__post_init__()  # types and ranges of every field (peftcore.validation)
         if self.use_dora and self.lora_bias:
-            raise ValueError("LoraConfig: use_dora and lora_bias cannot be combined")
-        for name in UNSUPPORTED_WHEN_SET:
-            if getattr(self, name) not in (None, {}, [], False):
-                raise ValueError(f"LoraConfig: {name}={getattr(self, name)!r} is not supported by peftcore-lora")
-        if self.loftq_config not in (None, {}):
-            raise ValueError("LoraConfig: loftq_config is not supported by peftcore-lora")
-        if self.use_qalora or self.ensure_weight_tying:
-            raise ValueError("LoraConfig: use_qalora / ensure_weight_tying are not supported by peftcore-lora")
+            raise ConfigError("LoraConfig: use_dora and lora_bias cannot be combined", "lora_bias", self.lora_bias)
+        check_left_off(self, UNSUPPORTED_WHEN_SET, "peftcore-lora")
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
-        for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LoraConfig: rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                check_regex(self, name, key, "key")
+
+    def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "LoraConfig":
+        """PEFT's config of a weighted-merge result: rank ``rank`` everywhere with alpha = rank (scale 1),
+        targets united; no init that touches base weights (PiSSA/OLoRA would)."""
+        return dataclasses.replace(
+            self, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=False,
+            target_modules=united([s.target_modules for s in sources], "target_modules"),
+        )
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The r and alpha for one module, after ``rank_pattern``/``alpha_pattern`` (PEFT's first-match rule)."""

@@ -24,6 +24,7 @@ On CUDA with Triton installed the same maths runs in the fused kernels of
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -113,7 +114,12 @@ def _adapter(layer, name: str, dtype, device) -> _Adapter | None:
         or not (_matches(A, dtype, device) and _matches(B, dtype, device) and _matches(bias, dtype, device))
     ):
         return None
-    return _Adapter(A, B, bias, float(layer.scaling[name]), float(p))
+    scaling = float(layer.scaling[name])
+    if not math.isfinite(scaling):
+        # BLAS may skip ``alpha`` when it is NaN (addmm_ then adds the product unscaled): the plain path's
+        # elementwise ``* scaling`` gives the NaN/inf outputs PEFT gives
+        return None
+    return _Adapter(A, B, bias, scaling, float(p))
 
 
 def _active_adapters(layer, dtype, device) -> list[_Adapter] | None:

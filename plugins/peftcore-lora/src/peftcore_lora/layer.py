@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcore import AdapterLayer
-from peftcore.layer import linear_features, rows_by_adapter, transpose
+from peftcore.layer import LowRankDelta, linear_features, padded_factors, rows_by_adapter, transpose
 
 from peftcore_lora import fast
 from peftcore_lora import init as lora_init
@@ -118,6 +118,30 @@ class LoraLayer(AdapterLayer):
             return None
         return self.lora_B[adapter_name].bias * self.scaling[adapter_name]
 
+    # -- combining (the low-rank contract of peftcore.layer) ------------------------
+
+    def low_rank_delta(self, adapter_name: str) -> LowRankDelta:
+        """``scaling · B @ A``, with convolution kernels flattened; DoRA and ``lora_bias`` adapters are refused."""
+        if self.use_dora.get(adapter_name):
+            raise ValueError(
+                f"LoRA adapter {adapter_name!r} in {self.location} uses DoRA: its weight change rescales W + sBA by a "
+                "learned magnitude, which is not a low-rank product, so it cannot be combined with other adapters"
+            )
+        if self.lora_bias.get(adapter_name):
+            raise ValueError(
+                f"LoRA adapter {adapter_name!r} in {self.location} has lora_bias=True: it changes the bias as well, "
+                "which a combined low-rank adapter cannot carry; combine adapters trained without lora_bias"
+            )
+        a, b = self.lora_weights(adapter_name)
+        return LowRankDelta(up=b.flatten(1), down=a.flatten(1), scale=self.scaling[adapter_name])
+
+    @torch.no_grad()
+    def set_low_rank_delta(self, adapter_name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        a, b = self.lora_weights(adapter_name)
+        up, down = padded_factors(up, down, a.shape[0])
+        a.copy_(down.reshape(a.shape).to(a.dtype))
+        b.copy_((up / self.scaling[adapter_name]).reshape(b.shape).to(b.dtype))
+
     def merge_one(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         if not self.use_dora.get(name):
             return super().merge_one(name, weight, bias)
@@ -130,6 +154,14 @@ class LoraLayer(AdapterLayer):
             return super().unmerge_one(name, weight, bias)
         weight_norm = self._weight_norm_cache.pop(name)
         return self.lora_magnitude_vector[name].unmerged_weight(weight, self.delta_weight(name), weight_norm), bias
+
+    def merge_snapshot(self) -> object:
+        return super().merge_snapshot(), dict(self._weight_norm_cache)  # unmerging DoRA divides by these norms
+
+    def restore_merge(self, snapshot: object) -> None:
+        weights, norms = snapshot
+        super().restore_merge(weights)
+        self._weight_norm_cache = dict(norms)
 
     # -- running ----------------------------------------------------------------
 

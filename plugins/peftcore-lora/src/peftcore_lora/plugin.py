@@ -10,7 +10,6 @@ from peftcore import LayerSupport, Method, hookimpl
 from peftcore.method import strip_adapter_name
 from peftcore.serialization import tensors_by_module
 
-from peftcore_lora import weighted
 from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoraConfig, matches_pattern
 from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
 
@@ -107,10 +106,3 @@ def check_adapter_files(config, tensors):
         elif magnitude is not None and not config.use_dora:
             problems.append(f"{module}: has a DoRA lora_magnitude_vector but the config says use_dora=false")
     return problems
-
-
-@hookimpl
-def combine_adapters(model, adapters, weights, adapter_name, combination_type, options):
-    if not all(isinstance(model.peft_config[a], LoraConfig) for a in adapters):
-        return None
-    return weighted.combine(model, adapters, weights, adapter_name, combination_type, options)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from peftcore.prompt_learning import PromptLearningConfig
+from peftcore.validation import DROPOUT, POSITIVE, ConfigError
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -23,37 +24,25 @@ class PromptEncoderConfig(PromptLearningConfig):
         default=PromptEncoderReparameterizationType.MLP,
         metadata={"help": "Prompt encoder: MLP (3 linear layers) or LSTM (bidirectional LSTM + 2-layer MLP)"},
     )
-    encoder_hidden_size: int = field(
-        default=None, metadata={"help": "Hidden size of the prompt encoder (token_dim if unset)"}
+    encoder_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Hidden size of the prompt encoder (token_dim if unset)", "range": POSITIVE}
     )
-    encoder_num_layers: int = field(
-        default=2, metadata={"help": "LSTM layers of the prompt encoder (the MLP always has 2 hidden layers)"}
-    )
+    encoder_num_layers: int = field(default=2, metadata={
+        "help": "LSTM layers of the prompt encoder (the MLP always has 2 hidden layers)", "range": POSITIVE})
     encoder_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout between the LSTM layers of the prompt encoder"}
+        default=0.0, metadata={"help": "Dropout between the LSTM layers of the prompt encoder", "range": DROPOUT}
     )
 
     def __post_init__(self):
         self.peft_type = "P_TUNING"
-        super().__post_init__()
+        super().__post_init__()  # types and ranges of every field (peftcore.validation)
         try:
             self.encoder_reparameterization_type = PromptEncoderReparameterizationType(
                 str(self.encoder_reparameterization_type)
             )
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 "PromptEncoderConfig: encoder_reparameterization_type must be MLP or LSTM, got "
-                f"{self.encoder_reparameterization_type!r}"
+                f"{self.encoder_reparameterization_type!r}", "encoder_reparameterization_type",
+                self.encoder_reparameterization_type,
             ) from None
-        if self.encoder_hidden_size is not None and (
-            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
-        ):
-            raise ValueError(
-                f"PromptEncoderConfig: encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}"
-            )
-        if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers <= 0:
-            raise ValueError(
-                f"PromptEncoderConfig: encoder_num_layers must be a positive integer, got {self.encoder_num_layers!r}"
-            )
-        if not 0.0 <= float(self.encoder_dropout) < 1.0:
-            raise ValueError(f"PromptEncoderConfig: encoder_dropout must be in [0, 1), got {self.encoder_dropout!r}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from peftcore.prompt_learning import PromptLearningConfig
+from peftcore.validation import POSITIVE
 
 
 @dataclass
@@ -13,8 +14,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     init_weights: Optional[Literal["zero"]] = field(
         default=None, metadata={"help": "None: random prefixes; 'zero': the prefix activations start at zero"}
     )
-    encoder_hidden_size: int = field(
-        default=None, metadata={"help": "Hidden size of the projection MLP (token_dim if unset)"}
+    encoder_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Hidden size of the projection MLP (token_dim if unset)", "range": POSITIVE}
     )
     prefix_projection: bool = field(
         default=False, metadata={"help": "Reparameterise the prefixes through Embedding -> Linear -> Tanh -> Linear"}
@@ -22,15 +23,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def __post_init__(self):
         self.peft_type = "PREFIX_TUNING"
-        super().__post_init__()
-        if self.init_weights not in (None, "zero"):
-            raise ValueError(f"PrefixTuningConfig: init_weights must be None or 'zero', got {self.init_weights!r}")
-        if self.encoder_hidden_size is not None and (
-            not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size <= 0
-        ):
-            raise ValueError(
-                f"PrefixTuningConfig: encoder_hidden_size must be a positive integer, got {self.encoder_hidden_size!r}"
-            )
+        super().__post_init__()  # types and ranges of every field (peftcore.validation)
 
     def adjust_to_model_config(self, config: dict) -> None:
         """Grouped-query attention caches ``num_key_value_heads`` heads: size the prefixes for those (as PEFT does)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peftcore.prompt_learning import PromptLearningConfig
+from peftcore.validation import ConfigError
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -44,18 +45,22 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def __post_init__(self):
         self.peft_type = "PROMPT_TUNING"
-        super().__post_init__()
+        super().__post_init__()  # types and ranges of every field (peftcore.validation)
         try:
             self.prompt_tuning_init = PromptTuningInit(str(self.prompt_tuning_init))
         except ValueError:
             valid = ", ".join(i.value for i in PromptTuningInit)
-            raise ValueError(
-                f"PromptTuningConfig: prompt_tuning_init must be one of {valid}, got {self.prompt_tuning_init!r}"
+            raise ConfigError(
+                f"PromptTuningConfig: prompt_tuning_init must be one of {valid}, got {self.prompt_tuning_init!r}",
+                "prompt_tuning_init", self.prompt_tuning_init,
             ) from None
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.tokenizer_name_or_path:
-                raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path")
+                raise ConfigError("PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path",
+                                  "tokenizer_name_or_path", self.tokenizer_name_or_path)
             if self.prompt_tuning_init_text is None:
-                raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text")
+                raise ConfigError("PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text",
+                                  "prompt_tuning_init_text", None)
         elif self.tokenizer_kwargs:
-            raise ValueError("PromptTuningConfig: tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
+            raise ConfigError("PromptTuningConfig: tokenizer_kwargs is only used with prompt_tuning_init='TEXT'",
+                              "tokenizer_kwargs", self.tokenizer_kwargs)
