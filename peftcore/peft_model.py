@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from peftcore import lm_loss, member_adapters, serialization
+from peftcore.activation_savings import recomputing_activations
 from peftcore.adapter_folder import adapter_subfolder, write_text
 from peftcore.adapter_names import check_adapter_name
 from peftcore.chunked_loss import (
@@ -364,7 +365,7 @@ class PeftModel(nn.Module):
         """
         adapter_names = kwargs.pop("adapter_names", None)
         args, kwargs = self._prepare_model_kwargs(kwargs, args=args)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names), recomputing_activations():
             # through the LayerTuner (not straight to the wrapped model), so process_model_output runs
             if run is None:
                 return self.base_model(*args, **kwargs)

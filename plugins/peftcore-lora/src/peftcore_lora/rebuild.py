@@ -16,6 +16,8 @@ import weakref
 import torch
 from torch import nn
 
+from peftcore import activation_savings
+
 _MAX_DEPTH = 3  # RMSNorm: weight * (hidden * rsqrt(variance)) is two levels
 
 
@@ -23,9 +25,12 @@ def _saved_hooks_active() -> bool:
     """Whether saved-tensor hooks (non-reentrant checkpointing, CPU offload) are in force.
 
     Reading a multiplication's saved factors would run their unpack hook in forward
-    (a recomputation or a copy), so rebuilding is only done without them. Unknown
-    torch internals count as active.
+    (a recomputation or a copy), so rebuilding is only done without them. peftcore's
+    own activation recomputation does not count: its recomputed factors are read as
+    recipes (see :func:`_factor`). Unknown torch internals count as active.
     """
+    if activation_savings.active():
+        return False
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:
         return True
@@ -35,18 +40,29 @@ def _saved_hooks_active() -> bool:
         return True
 
 
+def _factor(node, attr: str, producer, depth: int):
+    """One factor of the product at ``node``: a kept tensor, an activation to redo, or a nested product."""
+    if activation_savings.active():
+        # the multiplication keeps an activation output as a recipe; reading it would redo it now
+        redo = activation_savings.recompute_from_node(producer)
+        if redo is not None:
+            return redo
+    factor = getattr(node, attr)  # None where autograd did not need to keep it
+    if factor is None:
+        return _product_recipe(producer, depth + 1)
+    if type(factor) not in (torch.Tensor, nn.Parameter):
+        return None
+    return factor
+
+
 def _product_recipe(node, depth: int = 0):
     """``(a, b)`` with ``node``'s output equal to ``a * b``; a factor is a tensor or a recipe."""
     if node is None or depth > _MAX_DEPTH or node.name() != "MulBackward0":
         return None
     factors = []
     for attr, (producer, _) in zip(("_saved_self", "_saved_other"), node.next_functions):
-        factor = getattr(node, attr)  # None where autograd did not need to keep it
+        factor = _factor(node, attr, producer, depth)
         if factor is None:
-            factor = _product_recipe(producer, depth + 1)
-            if factor is None:
-                return None
-        elif type(factor) not in (torch.Tensor, nn.Parameter):
             return None
         factors.append(factor)
     return tuple(factors)
@@ -56,6 +72,8 @@ def _recipe_meta(recipe):
     """(shape, dtype, device) of what ``recipe`` rebuilds, or None if its factors disagree."""
     if isinstance(recipe, torch.Tensor):
         return recipe.shape, recipe.dtype, recipe.device
+    if isinstance(recipe, activation_savings.Recompute):
+        return _recipe_meta(recipe.source)
     metas = [_recipe_meta(f) for f in recipe]
     if None in metas or metas[0][2] != metas[1][2]:
         return None
@@ -94,12 +112,16 @@ def _flatten_recipe(recipe, tensors: list) -> object:
     if isinstance(recipe, torch.Tensor):
         tensors.append(recipe)
         return len(tensors) - 1
+    if isinstance(recipe, activation_savings.Recompute):
+        return activation_savings.Recompute(recipe.kind, _flatten_recipe(recipe.source, tensors), recipe.approximate)
     return tuple(_flatten_recipe(f, tensors) for f in recipe)
 
 
 def _rebuild(structure, tensors):
     if isinstance(structure, int):
         return tensors[structure]
+    if isinstance(structure, activation_savings.Recompute):
+        return activation_savings.Recompute(structure.kind, tensors[structure.source], structure.approximate).value()
     return _rebuild(structure[0], tensors) * _rebuild(structure[1], tensors)
 
 
