@@ -162,6 +162,22 @@ def unmerge_layer(layer: nn.Module) -> bool | None:
 
 
 @hookspec(firstresult=True)
+def dequantize_module(module: nn.Module, dtype: Any) -> nn.Module | None:
+    """A plain full-precision module computing what the quantised ``module`` computes, or None if not yours.
+
+    ``dtype`` is the wanted float dtype, or None for the layer's compute dtype.
+    ``merge_and_unload(dequantize=True)`` replaces every module of a quantisation
+    library (see :mod:`peftcore.quantized`) with the answer before an exact merge;
+    peftcore-bnb answers for ``bnb.nn.Linear4bit`` / ``Linear8bitLt`` (an ``nn.Linear``).
+    """
+
+
+@hookspec(firstresult=True)
+def describe_quantization(module: nn.Module) -> str | None:
+    """How ``module``'s weights are quantised, in words ("4-bit nf4, double quant, blocksize 64"), or None."""
+
+
+@hookspec(firstresult=True)
 def combine_adapters(
     model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
     options: dict[str, Any],

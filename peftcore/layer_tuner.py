@@ -17,6 +17,7 @@ from peftcore.adapter_names import check_adapter_name
 from peftcore.layer import AdapterLayer
 from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from peftcore.plugins import hooks, layer_supports, method_for_config, methods, pick_layer_support
+from peftcore.quantized import MergeRounding, collect_rounding, dequantize_model, unsupported_quantized_layer
 from peftcore.rollback import MergedWeights, Trainability
 from peftcore.walking import set_submodule, walk_modules
 
@@ -106,6 +107,9 @@ class LayerTuner(nn.Module):
                 own_layer.create_adapter(adapter_name, config, module_name=key)
                 continue
             support = pick_layer_support(method.peft_type, target, config)
+            refused = unsupported_quantized_layer(target, support, key, method.name)
+            if refused is not None:
+                raise refused
             if support is None:
                 known = sorted({s.base_type.__name__ for s in layer_supports() if s.peft_type == method.peft_type})
                 raise ValueError(
@@ -283,12 +287,15 @@ class LayerTuner(nn.Module):
     def _unmerge_layer(self, layer: AdapterLayer) -> None:
         hooks.unmerge_layer(layer=layer)
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> MergeRounding | None:
         """Merge into every layer, or into none: each layer checks first (``check_merge``), then all merge.
 
         With ``safe_merge`` the check computes every merged weight once for NaN/inf, so a
         bad adapter in the last layer leaves every weight untouched. Should a merge still
         fail (a plugin's own merge code), the layers merged so far are unmerged again.
+        Quantised layers (see :mod:`peftcore.quantized`) round what they store: their
+        per-layer errors come back as a :class:`~peftcore.quantized.MergeRounding` (also
+        kept as ``self.rounding_report``), with one summary warning; None otherwise.
         """
         layers = [layer for _, layer in self.adapter_layers()]
         for layer in layers:
@@ -303,28 +310,47 @@ class LayerTuner(nn.Module):
         except Exception:
             for layer in done:
                 self._unmerge_layer(layer)
+            collect_rounding(layers, "unmerge")  # the rollback's own rounding is not this merge's report
             raise
+        self.rounding_report = collect_rounding(layers, "merge")
+        return self.rounding_report
 
-    def unmerge_adapter(self) -> None:
-        for _, layer in self.adapter_layers():
+    def unmerge_adapter(self) -> MergeRounding | None:
+        layers = [layer for _, layer in self.adapter_layers()]
+        for layer in layers:
             self._unmerge_layer(layer)
+        self.rounding_report = collect_rounding(layers, "unmerge")
+        return self.rounding_report
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        if merge:
-            self.merge_adapter(adapter_names, safe_merge)
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                dequantize: bool = False, dtype=None) -> nn.Module:
+        if dequantize:  # full precision first, so the merge below is exact and nothing is re-quantized
+            dequantize_model(self.model, dtype)
+        report = self.merge_adapter(adapter_names, safe_merge) if merge else None
         walk = walk_modules(self.model, stop_at=(AdapterLayer,))
         outermost = [(key, m) for key, m in walk if isinstance(m, AdapterLayer)]
         for key, layer in outermost:  # replacing the outermost wrapper removes the layers inside it too
             set_submodule(self.model, key, layer.get_base_layer())
         for key, wrapper in self.saved_module_wrappers():
             set_submodule(self.model, key, wrapper.unwrapped())
+        if report is not None:
+            self.model.rounding_report = report
         return self.model
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        dequantize: bool = False, dtype=None,
     ) -> nn.Module:
-        """Merge the active (or given) adapters into the base weights and return the plain model."""
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        """Merge the active (or given) adapters into the base weights and return the plain model.
+
+        On a quantised base the merge re-quantizes (rounding reported as ``model.rounding_report``).
+        ``dequantize=True`` instead replaces every quantized layer by a plain one (in ``dtype``,
+        default the layer's compute dtype) before an exact merge, and removes the model's
+        ``quantization_config``: a full-precision transformers model, the route from QLoRA
+        training to a deployable model. Needs the plugin of the quantization library (peftcore-bnb).
+        """
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, dequantize=dequantize,
+                            dtype=dtype)
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging and return the plain model."""
