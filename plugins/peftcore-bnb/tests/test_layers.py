@@ -129,3 +129,35 @@ def test_mixed_batch_and_disable_equal_each_adapter_alone(load_quantized, tokens
     assert not torch.allclose(alone["default"], alone["other"])
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prepare_model_for_kbit_training_matches_peft(load_quantized, kind):
+    import peft
+
+    ours = peftcore.prepare_model_for_kbit_training(load_quantized(kind))
+    theirs = peft.prepare_model_for_kbit_training(load_quantized(kind))
+    mine = {n: (p.dtype, p.requires_grad) for n, p in ours.named_parameters()}
+    assert mine == {n: (p.dtype, p.requires_grad) for n, p in theirs.named_parameters()}
+    assert ours.is_gradient_checkpointing and theirs.is_gradient_checkpointing
+
+
+def test_training_after_an_evaluation_still_reaches_every_adapter(load_quantized, tokens):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel (AVX512-BF16), which does not back-propagate."""
+    model = get_peft_model(load_quantized("4bit"), lora_config(target_modules=["q_proj"]))
+    model.eval()
+    with torch.no_grad():
+        model(tokens)
+    model.train()
+    model(tokens).logits.pow(2).mean().backward()
+    first = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert first.lora_B["default"].weight.grad is not None
+    assert first.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_state_dict_after_an_evaluation_leaves_the_outputs_unchanged(load_quantized, tokens):
+    model = get_peft_model(load_quantized("4bit"), lora_config()).eval()
+    with torch.no_grad():
+        before = model(tokens).logits
+        model.state_dict()
+        assert torch.equal(model(tokens).logits, before)

@@ -46,6 +46,17 @@ def register_layer_support(register):
 
 
 @hookimpl
+def adapter_injected(model, config, adapter_name):
+    """Every 4-bit layer of the model (wrapped or not: gradients flow through all) keeps its standard layout
+    for training and saving (see :func:`peftcore_bnb.quant.keep_trainable_layout`)."""
+    for module in model.model.modules():
+        if quant.is_4bit(module) and not getattr(module, "_peftcore_bnb_layout_hook", False):
+            module.register_forward_pre_hook(quant.keep_trainable_layout)
+            module.register_state_dict_pre_hook(quant.standard_layout_for_saving)
+            module._peftcore_bnb_layout_hook = True
+
+
+@hookimpl
 def merge_layer(layer, adapter_names, safe_merge):
     if not isinstance(layer, QuantizedBase):
         return None

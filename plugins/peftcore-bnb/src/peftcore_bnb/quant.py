@@ -71,17 +71,65 @@ def unpacked_4bit(weight) -> tuple[torch.Tensor, object]:
     """(data, quant_state) in bitsandbytes' standard layout.
 
     In inference mode on CPUs with AVX512-BF16, ``Linear4bit.forward`` repacks its weight in
-    place into a CPU kernel layout (``quant_state.packing_format_for_cpu``); dequantising
-    that as if it were the standard layout gives wrong numbers, so undo the packing on a copy
-    (bitsandbytes' inverse rewrites the state it is given, which would leave the layer's
-    packed data described by an unpacked state).
+    place into a CPU kernel layout (``quant_state.packing_format_for_cpu``, absmax in bfloat16);
+    dequantising that as if it were the standard layout gives wrong numbers. The standard
+    layout kept by :func:`keep_trainable_layout` just before the repacking is returned when
+    there is one (exact); otherwise bitsandbytes' inverse runs on a copy of the state (it
+    rewrites the state it is given, and re-quantises the absmax, so it is close, not exact).
     """
     state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    kept = getattr(weight, "_peftcore_standard_layout", None)
+    if kept is not None and kept[0] is state:
+        return kept[1], kept[2]
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        return _convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
-    return weight.data, state
+    return _convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+
+
+def _will_repack(module: nn.Module, x) -> bool:
+    """bitsandbytes' own condition (Linear4bit.forward) for repacking the weight on this call."""
+    return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and not module.training and not x.requires_grad
+            and getattr(module, "support_avx512bf16_for_cpu", False))
+
+
+def keep_trainable_layout(module: nn.Module, args) -> None:
+    """Forward pre-hook on every ``Linear4bit``: training always sees the standard 4-bit layout.
+
+    bitsandbytes 0.50 on CPU repacks a 4-bit weight in place on the first inference-mode
+    forward (eval, no grad) and keeps it; its matmul on the repacked layout does not
+    back-propagate to the input, so after one evaluation every adapter below the last
+    layer would silently stop learning (no gradient, loss unchanged). This keeps the
+    standard layout (a reference, while repacked: one more 4-bit copy of the weight) just
+    before bitsandbytes repacks, and puts it back, exactly, when training resumes.
+    """
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return
+    packed = getattr(state, "packing_format_for_cpu", False)
+    if not packed and args and _will_repack(module, args[0]):
+        # bitsandbytes reassigns the state's fields in place: a shallow copy keeps the standard ones
+        weight._peftcore_standard_layout = (state, weight.data, copy.copy(state))
+    elif packed and module.training:
+        weight.data, weight.quant_state = unpacked_4bit(weight)
+        weight._peftcore_standard_layout = None
+
+
+def standard_layout_for_saving(module: nn.Module, prefix: str = "", keep_vars: bool = False) -> None:
+    """State-dict pre-hook on every ``Linear4bit``: put the kept standard layout back before bitsandbytes saves.
+
+    Otherwise ``Linear4bit._save_to_state_dict`` undoes its CPU repacking itself, in place and
+    re-quantising the absmax: merely calling ``state_dict()`` (``save_pretrained`` does) would
+    change the model's outputs (by up to 2 logits on SmolLM2).
+    """
+    weight = getattr(module, "weight", None)
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        kept = getattr(weight, "_peftcore_standard_layout", None)
+        if kept is not None and kept[0] is weight.quant_state:
+            weight.data, weight.quant_state = kept[1], kept[2]
+            weight._peftcore_standard_layout = None
 
 
 def snapshot(base: nn.Module) -> tuple:
