@@ -49,6 +49,9 @@ def register_layer_support(register):
 def adapter_injected(model, config, adapter_name):
     """Every 4-bit layer of the model (wrapped or not: gradients flow through all) keeps its standard layout
     for training and saving (see :func:`peftcore_bnb.quant.keep_trainable_layout`)."""
+    if model.__dict__.get("_peftcore_bnb_checked"):
+        return  # the base layers do not change between adapters: one walk per model keeps add_adapter flat
+    model._peftcore_bnb_checked = True
     for module in model.model.modules():
         if quant.is_4bit(module) and not getattr(module, "_peftcore_bnb_layout_hook", False):
             module.register_forward_pre_hook(quant.keep_trainable_layout)
