@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from peftcore import lm_loss, member_adapters, serialization
 from peftcore.activation_savings import recomputing_activations
@@ -458,8 +459,14 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         allow_pickle: bool = False,
         **kwargs,
-    ) -> None:
-        """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
+    ):
+        """Add adapter ``adapter_name`` from files; on any failure the model is left as it was.
+
+        Returns PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacks)
+        and ``unexpected_keys`` (the file's tensors that belong to none of them). As in
+        :func:`set_peft_model_state_dict`, keys are the names in the file (PEFT's missing
+        keys are module paths with the adapter name in them).
+        """
         self._check_new_name(adapter_name)  # before reading any file
         hub_kwargs = {
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
@@ -474,11 +481,13 @@ class PeftModel(nn.Module):
             self, member_adapters.local_folder(model_id, subfolder), config, allow_pickle=allow_pickle,
             **{k: v for k, v in kwargs.items() if k != "subfolder"},
         )
+        loaded = []
         try:
             # the tensors are loaded before a merged model is unmerged or any flag is settled
             with _blamed_on(where, self.get_base_model()):
                 self._add_adapter(
-                    adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
+                    adapter_name, config,
+                    fill=lambda: loaded.append(self._load_state_dict_into(config, adapter_name, weights, path)),
                 )
         except BaseException:
             for name in members:  # the members this call loaded go too: the model is left as it was
@@ -486,6 +495,7 @@ class PeftModel(nn.Module):
             raise
         if not is_trainable:
             self.eval()
+        return loaded[0] if loaded else None
 
     def _take_out(self, adapter_name: str) -> None:
         """Remove the adapter and every wrapper left without one (the base model's own modules go back)."""
@@ -494,7 +504,7 @@ class PeftModel(nn.Module):
         else:
             self.delete_adapter(adapter_name)
 
-    def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
+    def _load_state_dict_into(self, config, adapter_name, weights, where) -> _IncompatibleKeys:
         try:
             missing, unexpected = hooks.load_adapter_state_dict(
                 model=self, config=config, adapter_name=adapter_name, state_dict=weights
@@ -508,6 +518,7 @@ class PeftModel(nn.Module):
                 "a file for another model or method?"
             )
         serialization.warn_load_report(missing, unexpected, where)
+        return _IncompatibleKeys(list(missing), list(unexpected))
 
 
 @contextmanager
