@@ -44,7 +44,8 @@ from peftcore.walking import walk_modules
 class PeftModel(nn.Module):
     """A base model plus adapters. ``get_peft_model`` mutates and wraps the base model in place."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs):
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, **kwargs):
         super().__init__()
         check_adapter_name(adapter_name)
         self._prepare_config(peft_config, model)
@@ -61,6 +62,8 @@ class PeftModel(nn.Module):
                 self._add_model_adapter(peft_config, adapter_name)
             else:
                 self.base_model = LayerTuner(model, peft_config, adapter_name)
+                if autocast_adapter_dtype:
+                    self._upcast_adapter(adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
         if checkpointing:
             require_input_grads(
@@ -161,14 +164,23 @@ class PeftModel(nn.Module):
             raise ValueError(f"{adapter_name!r} is not a prompt-learning adapter of this model")
         return self.prompt_encoder[adapter_name].prompt_embeddings_to_save()
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs.
 
-        On failure the model is left as it was (adapters, active adapter, trainability, merged state).
+        ``autocast_adapter_dtype`` (PEFT's default, True): on a float16/bfloat16 base the
+        adapter's weights are float32. On failure the model is left as it was (adapters,
+        active adapter, trainability, merged state).
         """
-        self._add_adapter(adapter_name, peft_config)
+        self._add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
 
-    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None) -> None:
+    def _upcast_adapter(self, adapter_name: str) -> None:
+        for module in self.base_model.model.modules():
+            if isinstance(module, AdapterLayer):
+                module.upcast_adapter(adapter_name)
+
+    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None,
+                     autocast_adapter_dtype: bool = True) -> None:
         """``add_adapter``, with ``fill()`` run once the adapter exists but before anything else changes."""
         self._check_new_name(adapter_name)
         method = method_for_config(peft_config)
@@ -184,7 +196,13 @@ class PeftModel(nn.Module):
             if self._uses_layers:
                 # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
                 # no model-wide set_adapter here, whose cost grows with the number of adapters
-                self.base_model.inject_adapter(peft_config, adapter_name, fill=fill)
+                def settle():  # before the tensors are loaded: a float32 file keeps its precision
+                    if autocast_adapter_dtype:
+                        self._upcast_adapter(adapter_name)
+                    if fill is not None:
+                        fill()
+
+                self.base_model.inject_adapter(peft_config, adapter_name, fill=settle)
             else:
                 self._add_model_adapter(peft_config, adapter_name)
                 try:
@@ -441,7 +459,8 @@ class PeftModel(nn.Module):
             )
         before = Bookkeeping(model)
         with _blamed_on(where, model):
-            peft_model = model_cls(model, config, adapter_name)
+            peft_model = model_cls(model, config, adapter_name,
+                                   autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
         try:
             peft_model._load_state_dict_into(config, adapter_name, weights, path)
         except BaseException:  # give the caller's model back as it came, not wrapped around a random adapter
@@ -486,7 +505,7 @@ class PeftModel(nn.Module):
             # the tensors are loaded before a merged model is unmerged or any flag is settled
             with _blamed_on(where, self.get_base_model()):
                 self._add_adapter(
-                    adapter_name, config,
+                    adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True),
                     fill=lambda: loaded.append(self._load_state_dict_into(config, adapter_name, weights, path)),
                 )
         except BaseException:
@@ -744,4 +763,5 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
             "The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2
         )
     model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
-    return model_cls(model, peft_config, adapter_name)
+    return model_cls(model, peft_config, adapter_name,
+                     autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
