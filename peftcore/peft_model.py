@@ -25,6 +25,7 @@ from peftcore.chunked_loss import (
 )
 from peftcore.config import PeftConfig, TaskType, config_from_file, config_path
 from peftcore.files import AdapterFileError
+from peftcore.forward_signature import sign_forward
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
 from peftcore.modules_to_save import (
@@ -42,6 +43,10 @@ from peftcore.walking import walk_modules
 
 class PeftModel(nn.Module):
     """A base model plus adapters. ``get_peft_model`` mutates and wraps the base model in place."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        sign_forward(cls)  # every task class's forward reports the base model's signature (Trainer columns)
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs):
         super().__init__()
@@ -508,6 +513,9 @@ class PeftModel(nn.Module):
                 "a file for another model or method?"
             )
         serialization.warn_load_report(missing, unexpected, where)
+
+
+sign_forward(PeftModel)
 
 
 @contextmanager
