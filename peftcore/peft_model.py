@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcore import lm_loss, member_adapters, serialization
+from peftcore import hub, lm_loss, member_adapters, serialization
 from peftcore.activation_savings import recomputing_activations
-from peftcore.adapter_folder import adapter_subfolder, write_text
+from peftcore.adapter_folder import adapter_subfolder
 from peftcore.adapter_names import check_adapter_name
 from peftcore.chunked_loss import (
     ChunkedLossSettings,
@@ -28,6 +28,7 @@ from peftcore.files import AdapterFileError
 from peftcore.forward_signature import sign_forward
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
+from peftcore.model_card import write_model_card
 from peftcore.modules_to_save import (
     ModulesToSaveWrapper,
     check_modules_to_save,
@@ -415,7 +416,27 @@ class PeftModel(nn.Module):
                 continue
             serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization)
         if is_main_process:
-            write_text(save_directory, "README.md", _model_card(self))
+            write_model_card(save_directory, base_model=self.get_base_model(),
+                             peft_type=self.active_peft_config.peft_type, task_type=self.active_peft_config.task_type)
+
+    def push_to_hub(
+        self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+        private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+        create_pr: bool = False, max_shard_size=None, tags: list[str] | None = None, **save_kwargs,
+    ):
+        """Upload the adapter files (``save_pretrained``'s, README included) as one commit (``peftcore.hub``).
+
+        ``max_shard_size`` is accepted for transformers' signature and unused: adapter files are not sharded.
+        """
+        def save(folder: str) -> None:
+            self.save_pretrained(folder, **save_kwargs)
+            hub.add_card_tags(folder, tags)
+
+        return hub.push_folder_to_hub(
+            save, repo_id, default_message="Upload model", commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr,
+        )
 
     @classmethod
     def from_pretrained(
@@ -529,16 +550,6 @@ def _blamed_on(config_file: str | None, model: nn.Module):
         if config_file is None:
             raise
         raise AdapterFileError(f"{config_file}: cannot be applied to {type(model).__name__}: {exc}") from None
-
-
-def _model_card(model: PeftModel) -> str:
-    config = model.active_peft_config
-    base = config.base_model_name_or_path
-    header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "") + "tags:\n- peftcore\n---\n"
-    methods = ", ".join(sorted({c.peft_type for c in model.peft_config.values()}))
-    return (
-        f"{header}\n# Adapter\n\n{methods} adapter(s) {sorted(model.peft_config)} saved by peftcore in PEFT's format.\n"
-    )
 
 
 class PeftModelForSequenceClassification(PeftModel):
