@@ -645,6 +645,8 @@ class PeftModelForCausalLM(PeftModel):
         training = self.get_base_model().training
         if not has_labels or skip_logits is False or (skip_logits is None and not training):
             return False
+        if kwargs.get("fused_lm_head"):  # the base model's own fused head (TRL's) scores the labels without logits
+            return False
         if not self.chunked_loss.enabled or getattr(self, "_chunked_loss_fallback", None) is not None:
             return False
         base = self.get_base_model()

@@ -13,7 +13,12 @@ that file back. Those are type checks inside the Trainer, so a callback cannot c
 them (``save_model`` fires no callback event) and a peftcore model cannot pass them
 without pretending to be a class it is not.
 
-So the supported way is a small mixin over four Trainer methods, :class:`PeftTrainerMixin`, and the
+Column removal needs nothing from the Trainer: ``PeftModel.forward`` reports the base model's
+signature (``peftcore.forward_signature``), so the stock ``Trainer`` keeps the columns the base model
+takes (``token_type_ids``...) whatever the task type, and trainers that choose their own columns
+(TRL's ``SFTTrainer``) keep doing so.
+
+So the supported way is a small mixin over the Trainer's saving and loading methods, :class:`PeftTrainerMixin`, and the
 ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
 
 - ``save_model`` and every checkpoint write only the adapter, in PEFT's format
@@ -22,8 +27,6 @@ ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
 - ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` load the
   adapter weights back into the model's existing adapters, strictly (a missing or
   unexpected tensor is an error, never a silent partial load);
-- column removal keeps every argument the *base* model's ``forward`` takes
-  (``token_type_ids``...), as the Trainer does for ``peft`` models;
 - methods that act after each optimizer step (AdaLoRA's rank allocation) do so:
   the mixin adds :class:`PeftcoreCallback`, which calls the ``on_optimizer_step``
   hook. A stock ``Trainer`` takes it as ``callbacks=[PeftcoreCallback()]``.
@@ -38,7 +41,6 @@ Other trainers built on ``Trainer`` (e.g. TRL's) take the mixin first:
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 
@@ -182,14 +184,6 @@ class PeftTrainerMixin:
         if model is None:
             return super()._load_best_model()
         self._load_adapters_from(self.state.best_model_checkpoint, model)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        model = self._peftcore_model()
-        if self._signature_columns is None and model is not None:
-            names = list(inspect.signature(model.forward).parameters)
-            names += [n for n in inspect.signature(model.get_base_model().forward).parameters if n not in names]
-            self._signature_columns = names + list({"label", "label_ids", *self.label_names})
-        super()._set_signature_columns_if_needed()
 
 
 class PeftTrainer(PeftTrainerMixin, Trainer):
