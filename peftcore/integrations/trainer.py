@@ -35,8 +35,8 @@ Under DDP, FSDP and DeepSpeed ``save_model`` runs on every rank and saves throug
 ``save_pretrained``, which gathers only the adapter's shards (FSDP2, ZeRO-3) and writes on
 the main process (docs/distributed.md). Any model that is not a peftcore ``PeftModel``
 goes through the Trainer's own code.
-Other trainers built on ``Trainer`` (e.g. TRL's) take the mixin first:
-``class MySFTTrainer(PeftTrainerMixin, SFTTrainer): pass``.
+Other trainers built on ``Trainer`` take the mixin first: ``class MyTrainer(PeftTrainerMixin, OtherTrainer): pass``
+(TRL's ``SFTTrainer`` needs ``peftcore.integrations.trl.PeftSFTTrainerMixin`` instead, for its fused LM head).
 """
 
 from __future__ import annotations
