@@ -5,7 +5,8 @@ create the repo if needed (``exist_ok``; ``private`` applies only to a new repo)
 ``revision`` if it is not a PR ref, save into a temporary folder, then upload every file of it in
 one commit (``HfApi.create_commit``): the repo never holds half a save. Unlike the mixin, the
 README already in the repo is fetched into the temporary folder first, so ``save_pretrained``
-updates the user's model card instead of replacing it.
+updates the user's model card instead of replacing it; a config's push uploads ``adapter_config.json``
+alone (the mixin would also upload a README it creates or re-saves).
 
 Loading needs nothing here: ``from_pretrained("<repo id>", revision=...)`` resolves files through
 ``huggingface_hub.hf_hub_download`` and its cache (``peftcore.files.resolve_file``).
