@@ -83,7 +83,10 @@ class FakeHub:
 
         self.commits.append({"repo_id": repo_id, "revision": unquote(revision), "header": header, "files": files,
                              "create_pr": request.url.params.get("create_pr")})
-        return httpx.Response(200, json={"commitOid": COMMIT_SHA, "commitUrl": f"https://huggingface.co/{repo_id}/commit/{COMMIT_SHA}"})
+        reply = {"commitOid": COMMIT_SHA, "commitUrl": f"https://huggingface.co/{repo_id}/commit/{COMMIT_SHA}"}
+        if request.url.params.get("create_pr"):
+            reply["pullRequestUrl"] = f"https://huggingface.co/{repo_id}/discussions/1"
+        return httpx.Response(200, json=reply)
 
     def _download(self, repo_id: str, filename: str, request) -> httpx.Response:
         data = self.remote_files.get((repo_id, filename))

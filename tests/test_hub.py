@@ -156,3 +156,11 @@ def test_from_pretrained_resolves_a_repo_id_through_the_hub_cache(tmp_path, monk
     assert PeftConfig.from_pretrained(REPO, revision="v2").r == 2
     with pytest.raises(ValueError, match="not found"):
         PeftModel.from_pretrained(tiny_llama(), REPO, revision="v3")
+
+
+def test_create_pr_and_description_reach_the_commit(hub):
+    info = lora_model().push_to_hub(REPO, token=TOKEN, create_pr=True, commit_description="why this adapter")
+    (commit,) = hub.commits
+    assert commit["create_pr"] == "1"
+    assert commit["header"]["description"] == "why this adapter"
+    assert info.pr_url.endswith("/discussions/1")
