@@ -43,17 +43,45 @@ def sft_args(output_dir, max_steps: int) -> "trl.SFTConfig":
                          dataloader_num_workers=0, seed=0, save_only_model=False)
 
 
-def lora_model():
-    base = t.AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
+def smollm2():
+    return t.AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
+
+
+def smollm2_tokenizer():
+    return t.AutoTokenizer.from_pretrained(assets.smollm2_dir())
+
+
+def minilm_tokenizer():
+    """MiniLM's real WordPiece vocabulary; [SEP] ends a completion (SFTTrainer appends the EOS token)."""
+    tokenizer = t.AutoTokenizer.from_pretrained(assets.minilm_dir())
+    tokenizer.eos_token = tokenizer.sep_token
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int):
+    torch.manual_seed(0)
+    return t.LlamaForCausalLM(t.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+def lora_model(make_base):
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    return get_peft_model(base, config)
+    return get_peft_model(make_base(), config)
+
+
+def test_tiny_llama_sft_saves_adapter_only_checkpoints_and_resumes(tmp_path):
+    tokenizer = minilm_tokenizer()
+    check_sft_checkpoint_and_resume(tmp_path, tokenizer, lambda: tiny_llama(len(tokenizer)))
 
 
 @pytest.mark.slow
-def test_sft_trainer_saves_adapter_only_checkpoints_and_resumes(tmp_path):
-    tokenizer = t.AutoTokenizer.from_pretrained(assets.smollm2_dir())
+def test_smollm2_sft_saves_adapter_only_checkpoints_and_resumes(tmp_path):
+    check_sft_checkpoint_and_resume(tmp_path, smollm2_tokenizer(), smollm2)
+
+
+def check_sft_checkpoint_and_resume(tmp_path, tokenizer, make_base):
     dataset = sms_prompts(16)
-    model = lora_model()
+    model = lora_model(make_base)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = PeftSFTTrainer(model=model, args=sft_args(tmp_path / "run", 2), train_dataset=dataset,
                              processing_class=tokenizer)
@@ -85,7 +113,7 @@ def test_sft_trainer_saves_adapter_only_checkpoints_and_resumes(tmp_path):
     assert abs(plain.item() - base_only.item()) > 1e-4
 
     # a fresh model resumes from the checkpoint: adapter weights restored, step counter continues
-    resumed_model = lora_model()
+    resumed_model = lora_model(make_base)
     resumed = PeftSFTTrainer(model=resumed_model, args=sft_args(tmp_path / "run", 4), train_dataset=dataset,
                              processing_class=tokenizer)
     seen = {}
