@@ -17,7 +17,8 @@ import huggingface_hub
 import yaml
 from huggingface_hub.utils import _http
 
-httpx = _http.httpx2  # the HTTP library huggingface_hub uses (httpx, or its fork)
+# the HTTP library huggingface_hub (>= 1.0) sends requests with: httpx, or its fork httpx2 in 2.x
+httpx = getattr(_http, "httpx2", None) or _http.httpx
 
 COMMIT_SHA = "c" * 40
 
