@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 
+import yaml
+
 from peftcore.adapter_folder import write_text
 from peftcore.config import PEFT_FORMAT_VERSION
-from peftcore.files import README_NAME
+from peftcore.files import README_NAME, AdapterFileError
 from peftcore.version import __version__
 
 FRAMEWORK_HEADING = "### Framework versions"
@@ -107,12 +109,24 @@ def updated_card(existing: str | None, *, base_model, peft_type: str, task_type:
     return card.content
 
 
-def write_model_card(save_directory: str | os.PathLike, *, base_model, peft_type: str, task_type) -> None:
-    """Create or update ``save_directory/README.md`` (atomically; an existing card keeps its text)."""
+def model_card_text(save_directory: str | os.PathLike, *, base_model, peft_type: str, task_type) -> str:
+    """What ``save_directory/README.md`` will hold: the existing card updated, or a new one.
+
+    Computed before any file of a save is written, so an unreadable card stops the save up front.
+    """
     path = os.path.join(save_directory, README_NAME)
     existing = None
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             existing = f.read()
-    text = updated_card(existing, base_model=base_model, peft_type=str(peft_type), task_type=task_type)
+    try:
+        return updated_card(existing, base_model=base_model, peft_type=str(peft_type), task_type=task_type)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise AdapterFileError(
+            f"{path}: the model card's YAML metadata cannot be read ({str(exc).splitlines()[0]}); "
+            "fix it or remove the file"
+        ) from None
+
+
+def write_model_card(save_directory: str | os.PathLike, text: str) -> None:
     write_text(save_directory, README_NAME, text)

@@ -28,7 +28,7 @@ from peftcore.files import AdapterFileError
 from peftcore.forward_signature import sign_forward
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
-from peftcore.model_card import write_model_card
+from peftcore.model_card import model_card_text, write_model_card
 from peftcore.modules_to_save import (
     ModulesToSaveWrapper,
     check_modules_to_save,
@@ -408,6 +408,9 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
         folders = {name: adapter_subfolder(save_directory, name) for name in names}  # all checked before any write
+        card = model_card_text(save_directory, base_model=self.get_base_model(),
+                               peft_type=self.active_peft_config.peft_type,
+                               task_type=self.active_peft_config.task_type) if is_main_process else None
         for name in names:
             config = self.peft_config[name]
             with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
@@ -416,8 +419,7 @@ class PeftModel(nn.Module):
                 continue
             serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization)
         if is_main_process:
-            write_model_card(save_directory, base_model=self.get_base_model(),
-                             peft_type=self.active_peft_config.peft_type, task_type=self.active_peft_config.task_type)
+            write_model_card(save_directory, card)
 
     def push_to_hub(
         self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,

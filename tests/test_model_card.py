@@ -97,3 +97,11 @@ def test_model_without_a_hub_id_gets_no_empty_base_model(tmp_path):
     assert "base_model" not in data
     assert data["tags"] == ["lora", "transformers"]
     assert "pipeline_tag" not in data  # no task type: PEFT's PeftModel sets none either
+
+
+def test_unreadable_user_card_stops_the_save_before_any_file_is_written(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: [mit\n---\n\nnotes\n")
+    model = peftcore.get_peft_model(tiny("llama"), peftcore.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="README.md: the model card's YAML metadata cannot be read"):
+        model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
