@@ -100,6 +100,18 @@ class PeftConfig:
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         write_config(self, save_directory)
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, **kwargs):
+        """Upload ``adapter_config.json`` as one commit (PEFT's ``PeftConfig.push_to_hub``; see ``peftcore.hub``)."""
+        from peftcore.hub import push_folder_to_hub  # peftcore.hub reads this module's constants
+
+        return push_folder_to_hub(
+            self.save_pretrained, repo_id, default_message="Upload config", commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr, keep_readme=False,
+        )
+
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from peftcore import lm_loss, member_adapters, serialization
+from peftcore import hub, lm_loss, member_adapters, serialization
 from peftcore.activation_savings import recomputing_activations
-from peftcore.adapter_folder import adapter_subfolder, write_text
+from peftcore.adapter_folder import adapter_subfolder
 from peftcore.adapter_names import check_adapter_name
 from peftcore.chunked_loss import (
     ChunkedLossSettings,
@@ -26,8 +26,10 @@ from peftcore.chunked_loss import (
 )
 from peftcore.config import PeftConfig, TaskType, config_from_file, config_path
 from peftcore.files import AdapterFileError
+from peftcore.forward_signature import sign_forward
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
+from peftcore.model_card import model_card_text, write_model_card
 from peftcore.modules_to_save import (
     ModulesToSaveWrapper,
     check_modules_to_save,
@@ -43,6 +45,10 @@ from peftcore.walking import walk_modules
 
 class PeftModel(nn.Module):
     """A base model plus adapters. ``get_peft_model`` mutates and wraps the base model in place."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        sign_forward(cls)  # every task class's forward reports the base model's signature (Trainer columns)
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, **kwargs):
@@ -421,6 +427,9 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
         folders = {name: adapter_subfolder(save_directory, name) for name in names}  # all checked before any write
+        card = model_card_text(save_directory, base_model=self.get_base_model(),
+                               peft_type=self.active_peft_config.peft_type,
+                               task_type=self.active_peft_config.task_type) if is_main_process else None
         for name in names:
             config = self.peft_config[name]
             with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
@@ -429,7 +438,26 @@ class PeftModel(nn.Module):
                 continue
             serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization)
         if is_main_process:
-            write_text(save_directory, "README.md", _model_card(self))
+            write_model_card(save_directory, card)
+
+    def push_to_hub(
+        self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+        private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+        create_pr: bool = False, max_shard_size=None, tags: list[str] | None = None, **save_kwargs,
+    ):
+        """Upload the adapter files (``save_pretrained``'s, README included) as one commit (``peftcore.hub``).
+
+        ``max_shard_size`` is accepted for transformers' signature and unused: adapter files are not sharded.
+        """
+        def save(folder: str) -> None:
+            self.save_pretrained(folder, **save_kwargs)
+            hub.add_card_tags(folder, tags)
+
+        return hub.push_folder_to_hub(
+            save, repo_id, default_message="Upload model", commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr,
+        )
 
     @classmethod
     def from_pretrained(
@@ -540,6 +568,9 @@ class PeftModel(nn.Module):
         return _IncompatibleKeys(list(missing), list(unexpected))
 
 
+sign_forward(PeftModel)
+
+
 @contextmanager
 def _blamed_on(config_file: str | None, model: nn.Module):
     """Errors applying a config read from ``config_file`` name that file (those about the weights name theirs)."""
@@ -551,16 +582,6 @@ def _blamed_on(config_file: str | None, model: nn.Module):
         if config_file is None:
             raise
         raise AdapterFileError(f"{config_file}: cannot be applied to {type(model).__name__}: {exc}") from None
-
-
-def _model_card(model: PeftModel) -> str:
-    config = model.active_peft_config
-    base = config.base_model_name_or_path
-    header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "") + "tags:\n- peftcore\n---\n"
-    methods = ", ".join(sorted({c.peft_type for c in model.peft_config.values()}))
-    return (
-        f"{header}\n# Adapter\n\n{methods} adapter(s) {sorted(model.peft_config)} saved by peftcore in PEFT's format.\n"
-    )
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -655,6 +676,8 @@ class PeftModelForCausalLM(PeftModel):
         # the transformers model's mode (what its dropout follows), not the wrapper's own flag
         training = self.get_base_model().training
         if not has_labels or skip_logits is False or (skip_logits is None and not training):
+            return False
+        if kwargs.get("fused_lm_head"):  # the base model's own fused head (TRL's) scores the labels without logits
             return False
         if not self.chunked_loss.enabled or getattr(self, "_chunked_loss_fallback", None) is not None:
             return False
