@@ -297,6 +297,16 @@ class PeftModel(nn.Module):
 
     # -- training ------------------------------------------------------------------------
 
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """PEFT's helper: make ``model``'s embedding output require grad (not for quantized models); returns it.
+
+        Checkpointed blocks of a frozen model need an input that requires grad, or
+        no gradient reaches the adapters inside them.
+        """
+        if not any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            require_input_grads(model)
+        return model
+
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, offload: bool = False, **kwargs
     ) -> None:
