@@ -75,6 +75,8 @@ class PeftConfig:
                     f"{type(self).__name__}: task_type must be None or one of "
                     f"{', '.join(t.value for t in TaskType)}, got {self.task_type!r}", "task_type", self.task_type
                 ) from None
+        if isinstance(self.peft_type, str) and self.peft_type in PeftType._value2member_map_:
+            self.peft_type = PeftType(self.peft_type)  # PEFT's enum (``.value``); a plugin's own type stays a str
         if self.peft_version is None:
             self.peft_version = _producer_version()
 

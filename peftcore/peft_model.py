@@ -181,9 +181,8 @@ class PeftModel(nn.Module):
         self._add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _upcast_adapter(self, adapter_name: str) -> None:
-        for module in self.base_model.model.modules():
-            if isinstance(module, AdapterLayer):
-                module.upcast_adapter(adapter_name)
+        for _, layer in self.base_model.adapter_layers():  # a walk that skips the adapters' own modules
+            layer.upcast_adapter(adapter_name)
 
     def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None,
                      autocast_adapter_dtype: bool = True) -> None:
