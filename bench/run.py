@@ -350,6 +350,10 @@ NOTES = """## What peftcore does differently
   for all layers sharing the input: the same bits, no copy. Only the inputs of `o_proj` (the attention output) are
   still kept. Not done under saved-tensor hooks (non-reentrant checkpointing, CPU offload), where reading the
   factors would run the hooks.
+- **Activation outputs redone, not kept** (`peftcore/activation_savings.py`, without checkpointing): autograd keeps
+  `act(gate)` for SwiGLU's product although `gate` is kept for the activation's own backward; peftcore keeps it as
+  "SiLU/GELU of that kept input" and redoes it in backward (one elementwise op per block, the same bits). At 2,048
+  tokens on SmolLM2 this took the step's peak from 2,013 to 1,658 MiB (peft: 3,549), with no change in step time.
 - **Mixed-adapter batches**: the A and B of each row's adapter are gathered (ranks zero-padded) and applied with two
   batched matmuls accumulated into the base output, instead of a Python loop over adapters with row gathers and
   scatters.

@@ -179,7 +179,8 @@ def apply_cli(args) -> dict:
         if args.checkpointing:
             command.append("--gradient-checkpointing")
         wall = common.timed(lambda: main(command, standalone_mode=False))
-    values = {"peak_total_mib": common.peak_rss_mib(), "command": "peftcore " + " ".join(command[:-1]) + " DIR"}
+    shown = ["long.jsonl" if part == data else part for part in command[:-1]]  # no temp paths in the report
+    values = {"peak_total_mib": common.peak_rss_mib(), "command": "peftcore " + " ".join(shown) + " DIR"}
     return {"times": [wall], "values": values}
 
 

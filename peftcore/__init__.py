@@ -4,6 +4,8 @@ Config classes (``LoraConfig``, ``IA3Config``, ...) come from the installed
 plugins; ``from peftcore import LoraConfig`` finds them by name.
 """
 
+import dis
+import sys
 import warnings
 
 from peftcore.config import LayerConfig, PeftConfig, PeftType, TaskType, get_peft_config
@@ -48,8 +50,20 @@ def __getattr__(name: str):
     if name.endswith("Config") and name[:1].isupper():
         installed = ", ".join(m.config_class.__name__ for m in methods().values())
         hint = f"installed method configs: {installed}" if installed else no_methods_hint()
-        raise ImportError(f"cannot import {name!r} from peftcore: no installed plugin provides it; {hint}")
+        message = f"cannot import {name!r} from peftcore: no installed plugin provides it; {hint}"
+        if _called_by_from_import():
+            raise ImportError(message)
+        raise AttributeError(message)  # hasattr(peftcore, "LoHaConfig") is False, as code probing for methods expects
     raise AttributeError(f"module 'peftcore' has no attribute {name!r}")
+
+
+def _called_by_from_import() -> bool:
+    """Whether ``from peftcore import X`` asked: Python would replace an AttributeError's hint with a bare message."""
+    try:
+        frame = sys._getframe(2)
+        return frame.f_code.co_code[frame.f_lasti] == dis.opmap["IMPORT_FROM"]
+    except (AttributeError, IndexError, KeyError, ValueError):
+        return False
 
 
 __all__ = [

@@ -75,6 +75,8 @@ class PeftConfig:
                     f"{type(self).__name__}: task_type must be None or one of "
                     f"{', '.join(t.value for t in TaskType)}, got {self.task_type!r}", "task_type", self.task_type
                 ) from None
+        if isinstance(self.peft_type, str) and self.peft_type in PeftType._value2member_map_:
+            self.peft_type = PeftType(self.peft_type)  # PEFT's enum (``.value``); a plugin's own type stays a str
         if self.peft_version is None:
             self.peft_version = _producer_version()
 
@@ -99,6 +101,18 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         write_config(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, **kwargs):
+        """Upload ``adapter_config.json`` as one commit (PEFT's ``PeftConfig.push_to_hub``; see ``peftcore.hub``)."""
+        from peftcore.hub import push_folder_to_hub  # peftcore.hub reads this module's constants
+
+        return push_folder_to_hub(
+            self.save_pretrained, repo_id, default_message="Upload config", commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr, keep_readme=False,
+        )
 
     @classmethod
     def from_pretrained(

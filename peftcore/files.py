@@ -9,6 +9,7 @@ from pathlib import Path
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+README_NAME = "README.md"  # the model card (peftcore.model_card)
 
 
 class AdapterFileError(ValueError):

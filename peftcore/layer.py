@@ -293,6 +293,22 @@ class AdapterLayer(nn.Module):
             else:
                 holder[adapter_name] = item.to(ref.device, dtype) if dtype is not None else item.to(ref.device)
 
+    def upcast_adapter(self, adapter_name: str) -> None:
+        """Keep adapter ``adapter_name``'s float16/bfloat16 tensors in float32 (PEFT's ``autocast_adapter_dtype``).
+
+        Half-precision adapter weights train poorly; the forward casts inputs to the
+        adapter's dtype and the result back, so a float32 adapter runs on a half base.
+        """
+        for attr in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, attr, None)
+            if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
+                continue
+            item = holder[adapter_name]
+            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            for param in params:
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         warnings.warn("_move_adapter_to_device_of_base_layer is now place_adapter (and the core calls it)",
                       DeprecationWarning, stacklevel=2)

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from peftcore import lm_loss, member_adapters, serialization
+from peftcore import hub, lm_loss, member_adapters, serialization
 from peftcore.activation_savings import recomputing_activations
-from peftcore.adapter_folder import adapter_subfolder, write_text
+from peftcore.adapter_folder import adapter_subfolder
 from peftcore.adapter_names import check_adapter_name
 from peftcore.chunked_loss import (
     ChunkedLossSettings,
@@ -25,8 +26,10 @@ from peftcore.chunked_loss import (
 )
 from peftcore.config import PeftConfig, TaskType, config_from_file, config_path
 from peftcore.files import AdapterFileError
+from peftcore.forward_signature import sign_forward
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
+from peftcore.model_card import model_card_text, write_model_card
 from peftcore.modules_to_save import (
     ModulesToSaveWrapper,
     check_modules_to_save,
@@ -43,7 +46,12 @@ from peftcore.walking import walk_modules
 class PeftModel(nn.Module):
     """A base model plus adapters. ``get_peft_model`` mutates and wraps the base model in place."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        sign_forward(cls)  # every task class's forward reports the base model's signature (Trainer columns)
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, **kwargs):
         super().__init__()
         check_adapter_name(adapter_name)
         self._prepare_config(peft_config, model)
@@ -60,6 +68,8 @@ class PeftModel(nn.Module):
                 self._add_model_adapter(peft_config, adapter_name)
             else:
                 self.base_model = LayerTuner(model, peft_config, adapter_name)
+                if autocast_adapter_dtype:
+                    self._upcast_adapter(adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
         if checkpointing:
             require_input_grads(
@@ -160,14 +170,22 @@ class PeftModel(nn.Module):
             raise ValueError(f"{adapter_name!r} is not a prompt-learning adapter of this model")
         return self.prompt_encoder[adapter_name].prompt_embeddings_to_save()
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Add an inactive adapter; ``set_adapter`` makes it the one that trains and runs.
 
-        On failure the model is left as it was (adapters, active adapter, trainability, merged state).
+        ``autocast_adapter_dtype`` (PEFT's default, True): on a float16/bfloat16 base the
+        adapter's weights are float32. On failure the model is left as it was (adapters,
+        active adapter, trainability, merged state).
         """
-        self._add_adapter(adapter_name, peft_config)
+        self._add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
 
-    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None) -> None:
+    def _upcast_adapter(self, adapter_name: str) -> None:
+        for _, layer in self.base_model.adapter_layers():  # a walk that skips the adapters' own modules
+            layer.upcast_adapter(adapter_name)
+
+    def _add_adapter(self, adapter_name: str, peft_config: PeftConfig, fill=None,
+                     autocast_adapter_dtype: bool = True) -> None:
         """``add_adapter``, with ``fill()`` run once the adapter exists but before anything else changes."""
         self._check_new_name(adapter_name)
         method = method_for_config(peft_config)
@@ -183,7 +201,13 @@ class PeftModel(nn.Module):
             if self._uses_layers:
                 # inject_adapter leaves the active adapters as they were (and unmerges, as PEFT does);
                 # no model-wide set_adapter here, whose cost grows with the number of adapters
-                self.base_model.inject_adapter(peft_config, adapter_name, fill=fill)
+                def settle():  # before the tensors are loaded: a float32 file keeps its precision
+                    if autocast_adapter_dtype:
+                        self._upcast_adapter(adapter_name)
+                    if fill is not None:
+                        fill()
+
+                self.base_model.inject_adapter(peft_config, adapter_name, fill=settle)
             else:
                 self._add_model_adapter(peft_config, adapter_name)
                 try:
@@ -271,6 +295,16 @@ class PeftModel(nn.Module):
         )
 
     # -- training ------------------------------------------------------------------------
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """PEFT's helper: make ``model``'s embedding output require grad (not for quantized models); returns it.
+
+        Checkpointed blocks of a frozen model need an input that requires grad, or
+        no gradient reaches the adapters inside them.
+        """
+        if not any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            require_input_grads(model)
+        return model
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, offload: bool = False, **kwargs
@@ -402,6 +436,9 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
         folders = {name: adapter_subfolder(save_directory, name) for name in names}  # all checked before any write
+        card = model_card_text(save_directory, base_model=self.get_base_model(),
+                               peft_type=self.active_peft_config.peft_type,
+                               task_type=self.active_peft_config.task_type) if is_main_process else None
         for name in names:
             config = self.peft_config[name]
             with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
@@ -410,7 +447,26 @@ class PeftModel(nn.Module):
                 continue
             serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization)
         if is_main_process:
-            write_text(save_directory, "README.md", _model_card(self))
+            write_model_card(save_directory, card)
+
+    def push_to_hub(
+        self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+        private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+        create_pr: bool = False, max_shard_size=None, tags: list[str] | None = None, **save_kwargs,
+    ):
+        """Upload the adapter files (``save_pretrained``'s, README included) as one commit (``peftcore.hub``).
+
+        ``max_shard_size`` is accepted for transformers' signature and unused: adapter files are not sharded.
+        """
+        def save(folder: str) -> None:
+            self.save_pretrained(folder, **save_kwargs)
+            hub.add_card_tags(folder, tags)
+
+        return hub.push_folder_to_hub(
+            save, repo_id, default_message="Upload model", commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr,
+        )
 
     @classmethod
     def from_pretrained(
@@ -440,7 +496,8 @@ class PeftModel(nn.Module):
             )
         before = Bookkeeping(model)
         with _blamed_on(where, model):
-            peft_model = model_cls(model, config, adapter_name)
+            peft_model = model_cls(model, config, adapter_name,
+                                   autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
         try:
             peft_model._load_state_dict_into(config, adapter_name, weights, path)
         except BaseException:  # give the caller's model back as it came, not wrapped around a random adapter
@@ -458,8 +515,14 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         allow_pickle: bool = False,
         **kwargs,
-    ) -> None:
-        """Add adapter ``adapter_name`` from files; on any failure the model is left as it was."""
+    ):
+        """Add adapter ``adapter_name`` from files; on any failure the model is left as it was.
+
+        Returns PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacks)
+        and ``unexpected_keys`` (the file's tensors that belong to none of them). As in
+        :func:`set_peft_model_state_dict`, keys are the names in the file (PEFT's missing
+        keys are module paths with the adapter name in them).
+        """
         self._check_new_name(adapter_name)  # before reading any file
         hub_kwargs = {
             k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
@@ -474,11 +537,13 @@ class PeftModel(nn.Module):
             self, member_adapters.local_folder(model_id, subfolder), config, allow_pickle=allow_pickle,
             **{k: v for k, v in kwargs.items() if k != "subfolder"},
         )
+        loaded = []
         try:
             # the tensors are loaded before a merged model is unmerged or any flag is settled
             with _blamed_on(where, self.get_base_model()):
                 self._add_adapter(
-                    adapter_name, config, fill=lambda: self._load_state_dict_into(config, adapter_name, weights, path)
+                    adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True),
+                    fill=lambda: loaded.append(self._load_state_dict_into(config, adapter_name, weights, path)),
                 )
         except BaseException:
             for name in members:  # the members this call loaded go too: the model is left as it was
@@ -486,6 +551,7 @@ class PeftModel(nn.Module):
             raise
         if not is_trainable:
             self.eval()
+        return loaded[0] if loaded else None
 
     def _take_out(self, adapter_name: str) -> None:
         """Remove the adapter and every wrapper left without one (the base model's own modules go back)."""
@@ -494,7 +560,7 @@ class PeftModel(nn.Module):
         else:
             self.delete_adapter(adapter_name)
 
-    def _load_state_dict_into(self, config, adapter_name, weights, where) -> None:
+    def _load_state_dict_into(self, config, adapter_name, weights, where) -> _IncompatibleKeys:
         try:
             missing, unexpected = hooks.load_adapter_state_dict(
                 model=self, config=config, adapter_name=adapter_name, state_dict=weights
@@ -508,6 +574,10 @@ class PeftModel(nn.Module):
                 "a file for another model or method?"
             )
         serialization.warn_load_report(missing, unexpected, where)
+        return _IncompatibleKeys(list(missing), list(unexpected))
+
+
+sign_forward(PeftModel)
 
 
 @contextmanager
@@ -521,16 +591,6 @@ def _blamed_on(config_file: str | None, model: nn.Module):
         if config_file is None:
             raise
         raise AdapterFileError(f"{config_file}: cannot be applied to {type(model).__name__}: {exc}") from None
-
-
-def _model_card(model: PeftModel) -> str:
-    config = model.active_peft_config
-    base = config.base_model_name_or_path
-    header = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if base else "") + "tags:\n- peftcore\n---\n"
-    methods = ", ".join(sorted({c.peft_type for c in model.peft_config.values()}))
-    return (
-        f"{header}\n# Adapter\n\n{methods} adapter(s) {sorted(model.peft_config)} saved by peftcore in PEFT's format.\n"
-    )
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -625,6 +685,8 @@ class PeftModelForCausalLM(PeftModel):
         # the transformers model's mode (what its dropout follows), not the wrapper's own flag
         training = self.get_base_model().training
         if not has_labels or skip_logits is False or (skip_logits is None and not training):
+            return False
+        if kwargs.get("fused_lm_head"):  # the base model's own fused head (TRL's) scores the labels without logits
             return False
         if not self.chunked_loss.enabled or getattr(self, "_chunked_loss_fallback", None) is not None:
             return False
@@ -733,4 +795,5 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
             "The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2
         )
     model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
-    return model_cls(model, peft_config, adapter_name)
+    return model_cls(model, peft_config, adapter_name,
+                     autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))

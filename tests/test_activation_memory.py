@@ -75,3 +75,20 @@ def test_offload_needs_checkpointing():
     model = lora_llama()
     with pytest.raises(ValueError, match="has no checkpointed layers to offload"):
         offload_checkpointed_inputs(model.get_base_model(), {}, offload=HostOffload(pin_memory=False))
+
+
+def test_prepare_model_for_gradient_checkpointing_as_peft():
+    """Embedding outputs require grad afterwards, for peft and peftcore alike."""
+    import copy
+
+    import peft
+
+    base = t.LlamaForCausalLM(t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    for lib in (peft, __import__("peftcore")):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        inner = model.get_base_model()
+        assert not inner.get_input_embeddings()(ids).requires_grad, lib.__name__
+        model.prepare_model_for_gradient_checkpointing(inner)  # peft returns None, peftcore the model
+        assert inner.get_input_embeddings()(ids).requires_grad, lib.__name__

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -129,3 +130,33 @@ def test_prepare_model_for_kbit_training_freezes_and_upcasts():
     base = base.to(torch.bfloat16)
     peftcore.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in base.parameters())
+
+
+def test_load_adapter_returns_peft_load_result(tmp_path):
+    """The same missing/unexpected keys as peft's load_adapter, for a complete file and for one missing a tensor."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    base, _ = tiny_model("llama")
+    get_peft_model(copy.deepcopy(base), LoraConfig(**config)).save_pretrained(tmp_path / "full")
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "adapter_config.json").write_text((tmp_path / "full" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / "part" / "adapter_model.safetensors")
+
+    results = {}
+    for name, lib in (("peft", peft), ("peftcore", peftcore)):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(**config))
+        with warnings.catch_warnings():  # peftcore warns about the missing tensor, peft does not
+            warnings.simplefilter("ignore")
+            part = model.load_adapter(str(tmp_path / "part"), adapter_name="part")
+        results[name] = (model.load_adapter(str(tmp_path / "full"), adapter_name="full"), part)
+    for full, part in results.values():
+        assert list(full.missing_keys) == [] and list(full.unexpected_keys) == []
+        assert list(part.unexpected_keys) == []
+    # the same tensor: peft names it by its module path with the adapter name, peftcore by its name in the file
+    assert len(results["peft"][1].missing_keys) == 1
+    assert list(results["peftcore"][1].missing_keys) == [dropped]
+    assert results["peft"][1].missing_keys[0] == dropped.replace(".weight", ".part.weight")

@@ -172,5 +172,6 @@ def test_saved_config_is_peft_shaped(saved):
     assert config["peft_type"] == "LORA" and config["inference_mode"] is True
     assert config["target_modules"] == ["q_proj", "v_proj"]
     assert config["peft_version"].split("@")[0].count(".") == 2
-    assert (folder / "README.md").read_text().startswith("---\nlibrary_name: peft")
+    readme = (folder / "README.md").read_text()
+    assert readme.startswith("---\n") and "\nlibrary_name: peft\n" in readme.split("\n---\n")[0]
     assert not [p for p in os.listdir(folder) if p.endswith(".tmp")]

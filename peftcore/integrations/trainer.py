@@ -13,7 +13,12 @@ that file back. Those are type checks inside the Trainer, so a callback cannot c
 them (``save_model`` fires no callback event) and a peftcore model cannot pass them
 without pretending to be a class it is not.
 
-So the supported way is a small mixin over four Trainer methods, :class:`PeftTrainerMixin`, and the
+Column removal needs nothing from the Trainer: ``PeftModel.forward`` reports the base model's
+signature (``peftcore.forward_signature``), so the stock ``Trainer`` keeps the columns the base model
+takes (``token_type_ids``...) whatever the task type, and trainers that choose their own columns
+(TRL's ``SFTTrainer``) keep doing so.
+
+So the supported way is a small mixin over the Trainer's saving and loading methods, :class:`PeftTrainerMixin`, and the
 ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
 
 - ``save_model`` and every checkpoint write only the adapter, in PEFT's format
@@ -22,8 +27,6 @@ ready-made :class:`PeftTrainer` (``Trainer`` + mixin). With it:
 - ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` load the
   adapter weights back into the model's existing adapters, strictly (a missing or
   unexpected tensor is an error, never a silent partial load);
-- column removal keeps every argument the *base* model's ``forward`` takes
-  (``token_type_ids``...), as the Trainer does for ``peft`` models;
 - methods that act after each optimizer step (AdaLoRA's rank allocation) do so:
   the mixin adds :class:`PeftcoreCallback`, which calls the ``on_optimizer_step``
   hook. A stock ``Trainer`` takes it as ``callbacks=[PeftcoreCallback()]``.
@@ -32,13 +35,12 @@ Under DDP, FSDP and DeepSpeed ``save_model`` runs on every rank and saves throug
 ``save_pretrained``, which gathers only the adapter's shards (FSDP2, ZeRO-3) and writes on
 the main process (docs/distributed.md). Any model that is not a peftcore ``PeftModel``
 goes through the Trainer's own code.
-Other trainers built on ``Trainer`` (e.g. TRL's) take the mixin first:
-``class MySFTTrainer(PeftTrainerMixin, SFTTrainer): pass``.
+Other trainers built on ``Trainer`` take the mixin first: ``class MyTrainer(PeftTrainerMixin, OtherTrainer): pass``
+(with TRL's ``SFTTrainer`` the mixin also moves TRL's fused LM head to the base model: ``peftcore.integrations.trl``).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import warnings
 
@@ -47,6 +49,7 @@ from transformers import Trainer, TrainerCallback
 
 from peftcore import serialization
 from peftcore.files import SAFETENSORS_WEIGHTS_NAME, AdapterFileError
+from peftcore.integrations.fused_lm_head import is_trl_trainer, move_fused_lm_head
 from peftcore.loop_hooks import optimizer_step_done, run_length_field, unwrap
 from peftcore.peft_model import PeftModel
 from peftcore.plugins import hooks
@@ -116,6 +119,10 @@ class PeftTrainerMixin:
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, PeftcoreCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(PeftcoreCallback())
+        model = self._peftcore_model()
+        if model is not None:
+            if is_trl_trainer(self):  # TRL patched the wrapper's forward (peftcore.integrations.trl says why)
+                move_fused_lm_head(model)
 
     def _peftcore_model(self) -> PeftModel | None:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
@@ -182,14 +189,6 @@ class PeftTrainerMixin:
         if model is None:
             return super()._load_best_model()
         self._load_adapters_from(self.state.best_model_checkpoint, model)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        model = self._peftcore_model()
-        if self._signature_columns is None and model is not None:
-            names = list(inspect.signature(model.forward).parameters)
-            names += [n for n in inspect.signature(model.get_base_model().forward).parameters if n not in names]
-            self._signature_columns = names + list({"label", "label_ids", *self.label_names})
-        super()._set_signature_columns_if_needed()
 
 
 class PeftTrainer(PeftTrainerMixin, Trainer):
