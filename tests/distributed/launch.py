@@ -1,8 +1,10 @@
 """Start 2-rank jobs for the tests: free ports, a hard timeout, and no process left behind.
 
-Each job runs in its own session (process group); whatever happens (success, failure,
-timeout) the whole group is killed before the helper returns, so a hung rank cannot
-outlive its test.
+Each job runs in its own session and carries a job id in its environment; whatever
+happens (success, failure, timeout) every process with that id is killed before the
+helper returns, so a hung rank cannot outlive its test. The id, not the process group:
+torch's elastic agent starts ranks in sessions of their own, and a rank orphaned by
+its launcher would otherwise keep the output pipe open and the test waiting forever.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,22 +34,39 @@ def _env() -> dict[str, str]:
     return env
 
 
+JOB_ID = "PEFTCORE_TEST_JOB"
+
+
+def _kill_job(job: str, launcher: int) -> None:
+    """SIGKILL the launcher's group and every process whose environment names ``job``."""
+    import psutil  # accelerate's dependency
+
+    try:
+        os.killpg(launcher, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(JOB_ID) == job:
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
 def run_job(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run ``argv`` in a new session; kill the whole session when it ends or after ``timeout`` seconds."""
-    proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """Run ``argv`` in a new session; kill all of the job when it ends or after ``timeout`` seconds."""
+    job = uuid.uuid4().hex
+    proc = subprocess.Popen(argv, cwd=REPO, env={**_env(), JOB_ID: job}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
         timed_out = False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        _kill_job(job, proc.pid)
+        output, _ = proc.communicate(timeout=60)  # every writer of the pipe is gone now
         timed_out = True
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a finished job
-        except ProcessLookupError:
-            pass
+        _kill_job(job, proc.pid)  # stragglers of a finished job
     result = subprocess.CompletedProcess(argv, -9 if timed_out else proc.returncode, output, None)
     result.timed_out = timed_out
     return result

@@ -104,7 +104,7 @@ def test_fsdp2_saves_the_whole_adapter_and_loads_back_into_shards(tmp_path, refe
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_saves_the_complete_trained_adapter(tmp_path, references, stage):
+def test_deepspeed_saves_the_complete_trained_adapter(tmp_path, references, stage, deepspeed_ops):
     pytest.importorskip("deepspeed")
     check(accelerate_launch(f"deepspeed_zero{stage}.yaml", "train_worker.py", "--engine", "accelerate",
                             "--method", "lora", "--out", str(tmp_path), timeout=150))

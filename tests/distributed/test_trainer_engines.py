@@ -15,10 +15,11 @@ def disk_name(param_name: str) -> str:
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
-def test_peft_trainer_saves_whole_adapters_and_resumes_identically(tmp_path, engine):
+def test_peft_trainer_saves_whole_adapters_and_resumes_identically(tmp_path, engine, request):
     args = ["--out", str(tmp_path)]
     if engine != "ddp":
         pytest.importorskip("deepspeed")
+        request.getfixturevalue("deepspeed_ops")
         args += ["--deepspeed", str(REPO / "configs" / "deepspeed" / f"{engine}.json")]
     check(torchrun("trainer_worker.py", *args, timeout=180))
 
