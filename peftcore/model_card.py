@@ -130,3 +130,30 @@ def model_card_text(save_directory: str | os.PathLike, *, base_model, peft_type:
 
 def write_model_card(save_directory: str | os.PathLike, text: str) -> None:
     write_text(save_directory, README_NAME, text)
+
+
+def card_quantization(card: str) -> dict[str, str] | None:
+    """The ``- name: value`` settings under the card's quantization line (None: the base was not quantized)."""
+    lines = card.splitlines()
+    if QUANTIZATION_PREFIX not in lines:
+        return None
+    settings = {}
+    for line in lines[lines.index(QUANTIZATION_PREFIX) + 1:]:
+        if not line.startswith("- ") or ": " not in line:
+            break
+        name, value = line[2:].split(": ", 1)
+        settings[name] = value
+    return settings
+
+
+def quantization_summary(settings: dict[str, str] | None) -> str:
+    """``4-bit nf4, double quantization, compute float32`` / ``8-bit (LLM.int8)`` / ``none``."""
+    if settings is None:
+        return "none"
+    if settings.get("_load_in_4bit") == "True" or settings.get("load_in_4bit") == "True":
+        double = ", double quantization" if settings.get("bnb_4bit_use_double_quant") == "True" else ""
+        compute = settings.get("bnb_4bit_compute_dtype")
+        return f"4-bit {settings.get('bnb_4bit_quant_type', '?')}{double}" + (f", compute {compute}" if compute else "")
+    if settings.get("_load_in_8bit") == "True" or settings.get("load_in_8bit") == "True":
+        return "8-bit (LLM.int8)"
+    return settings.get("quant_method", "quantized")

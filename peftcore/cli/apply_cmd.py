@@ -90,6 +90,13 @@ COMMON_OPTIONS = [
         help="with --gradient-checkpointing on a GPU: keep the checkpointed layer inputs in host memory",
     ),
     click.Option(
+        ["--quantize"],
+        type=click.Choice(["4bit", "8bit"]),
+        default=None,
+        help="load the base through bitsandbytes (4bit: NF4 with double quantization, QLoRA) and prepare it as "
+        "PEFT's prepare_model_for_kbit_training does; needs the peftcore-bnb plugin",
+    ),
+    click.Option(
         ["--nproc-per-node"],
         type=click.IntRange(min=1),
         default=1,

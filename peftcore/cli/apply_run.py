@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from peftcore.cli import adapter_bodies, assets, launch, models
+from peftcore.cli import adapter_bodies, assets, launch, models, quantize
 from peftcore.cli import datasets as data
 from peftcore.cli import training_loop as train
 from peftcore.cli.errors import CliError, user_errors
@@ -52,6 +52,7 @@ class ApplyRequest:
     device: str | None = None
     gradient_checkpointing: bool = False
     offload_activations: bool = False
+    quantize: str | None = None
     nproc_per_node: int = 1
     as_json: bool = False
 
@@ -83,6 +84,7 @@ def run_apply(request: ApplyRequest, report: bool = True):
         raise CliError("--offload-activations needs --gradient-checkpointing (it moves what checkpointing keeps)",
                        "add --gradient-checkpointing")
     config = _make_config(request)  # bad options fail here, before any model or data is loaded
+    quantize.loading_kwargs(request.quantize, request.device)  # and a missing quantization plugin
     dataset_spec = request.dataset or DEFAULT_DATASETS.get(model_spec)
     for key, value in TRAINING_DEFAULTS[task_type].items():
         if getattr(request, key) is None:
@@ -91,7 +93,8 @@ def run_apply(request: ApplyRequest, report: bool = True):
                                    max_length=request.max_length, seed=request.seed)
     out = Path(request.out or _default_out(request.method.name, model_spec, dataset_spec))
     results = Results(facts={"method": request.method.name, "model": model_spec, "task_type": task_type,
-                             "dataset": dataset_spec, "out": str(out), "device": request.device})
+                             "dataset": dataset_spec, "out": str(out), "device": request.device,
+                             "quantize": request.quantize})
     if request.nproc_per_node > 1 and not launch.in_worker():
         launch.check_request(request.nproc_per_node, request.batch_size)
         results, out = launch.launch(run_apply, request, request.nproc_per_node)  # rank 0's results
@@ -220,14 +223,16 @@ def _classification(request, config, model_path, dataset_spec, settings, out, re
     def load_base():
         torch.manual_seed(request.seed)  # the new classifier head's init
         # a checkpoint whose head has another number of classes gets a new head, as the data needs
-        return models.load_model(
+        base = models.load_model(
             model_path,
             SEQ_CLS,
             num_labels=len(label_names),
             ignore_mismatched_sizes=True,
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            **quantize.loading_kwargs(request.quantize, request.device),
         )
+        return quantize.prepare(base, request.quantize, request.gradient_checkpointing)
 
     status(f"model: {model_path}")
     run_steps = train.total_steps(len(train_set), settings) if train_set is not None else None
@@ -271,7 +276,8 @@ def _causal_lm(request, config, model_path, dataset_spec, settings, out, results
     probe_set = test_set or data.PromptCompletions(["The capital of France is"], [" Paris"], "probe", "built-in")
 
     def load_base():
-        return models.load_model(model_path, CAUSAL_LM)
+        base = models.load_model(model_path, CAUSAL_LM, **quantize.loading_kwargs(request.quantize, request.device))
+        return quantize.prepare(base, request.quantize, request.gradient_checkpointing)
 
     status(f"model: {model_path}")
     run_steps = train.total_steps(len(train_set), settings) if train_set is not None else None

@@ -17,6 +17,7 @@ from peftcore.files import (
     AdapterFileError,
     committed_file,
 )
+from peftcore.model_card import card_quantization, quantization_summary
 from peftcore.serialization import LAYER_PREFIX, tensors_by_module
 
 PREFIX = LAYER_PREFIX
@@ -123,6 +124,8 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
     raw, tensors, size = _read_files(folder, allow_pickle)
     problems, modules = check(raw, tensors)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    card = folder / "README.md"  # PEFT writes the base's quantization config into the model card
+    quantization = card_quantization(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else None
     return {
         "folder": str(folder), "peft_type": raw.get("peft_type"), "task_type": raw.get("task_type"),
         "base_model": raw.get("base_model_name_or_path"), "target_modules": raw.get("target_modules"),
@@ -130,7 +133,7 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "settings": {k: raw[k] for k in SHOWN_FIELDS if k in raw},
         "adapted_modules": len(modules), "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()), "dtypes": dtypes, "file_bytes": size,
-        "consistent": not problems, "problems": problems,
+        "consistent": not problems, "problems": problems, "quantization": quantization,
     }
 
 
@@ -151,6 +154,7 @@ def info(folder: Path, as_json: bool, allow_pickle: bool) -> None:
             ["method", str(report["peft_type"])],
             ["task type", str(report["task_type"])],
             ["base model", str(report["base_model"])],
+            ["base quantization", quantization_summary(report["quantization"])],
             ["targets", ", ".join(targets) if isinstance(targets, list) else str(targets)],
             *[[k, json.dumps(v)] for k, v in report["settings"].items()],
             ["modules to save", ", ".join(report["modules_to_save"] or []) or "-"],
