@@ -39,7 +39,8 @@ def test_quantize_without_the_plugin_says_what_to_install(monkeypatch, tmp_path)
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peftcore_bnb" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "peftcore_bnb" else real(name, *a))
     result = CliRunner().invoke(main, ["apply", "lora", "--quantize", "4bit", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0
     assert "--quantize 4bit needs peftcore_bnb" in result.output and "plugins/peftcore-bnb" in result.output
