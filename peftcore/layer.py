@@ -279,12 +279,7 @@ class AdapterLayer(nn.Module):
         if ref is None:
             return
         dtype = ref.dtype if ref.is_floating_point() else None
-        for attr in self.adapter_layer_names + self.other_param_names:
-            holder = getattr(self, attr, None)
-            if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
-                continue
-            item = holder[adapter_name]
-            tensors = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+        for holder, item, tensors in self._adapter_holdings(adapter_name):
             if all(t.device == ref.device and (dtype is None or t.dtype == dtype) for t in tensors):
                 continue  # already in place: Module.to would only cost time (attaching hundreds of layers)
             if isinstance(item, nn.Parameter):
@@ -299,15 +294,19 @@ class AdapterLayer(nn.Module):
         Half-precision adapter weights train poorly; the forward casts inputs to the
         adapter's dtype and the result back, so a float32 adapter runs on a half base.
         """
+        for _, _, params in self._adapter_holdings(adapter_name):
+            for param in params:
+                if param.dtype in (torch.float16, torch.bfloat16):
+                    param.data = param.data.float()
+
+    def _adapter_holdings(self, adapter_name: str):
+        """``(holder, item, its parameters)`` of adapter ``adapter_name`` in every per-adapter holder."""
         for attr in self.adapter_layer_names + self.other_param_names:
             holder = getattr(self, attr, None)
             if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
                 continue
             item = holder[adapter_name]
-            params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-            for param in params:
-                if param.dtype in (torch.float16, torch.bfloat16):
-                    param.data = param.data.float()
+            yield holder, item, [item] if isinstance(item, nn.Parameter) else list(item.parameters())
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         warnings.warn("_move_adapter_to_device_of_base_layer is now place_adapter (and the core calls it)",
