@@ -78,30 +78,34 @@ def _unpack(packed):
     return packed.value() if isinstance(packed, Recompute) else packed
 
 
-def active() -> bool:
-    """Whether this module's hook is the saved-tensor hook in force right now."""
+_UNKNOWN = object()  # torch internals this module does not know
+
+
+def _hooks_in_force():
+    """The (pack, unpack) pair of saved-tensor hooks now on top, None, or ``_UNKNOWN``."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top is None:
-        return False
+        return _UNKNOWN
     try:
-        hooks = top(False)
+        return top(False)
     except Exception:
-        return False
-    return hooks is not None and hooks[0] is _pack
+        return _UNKNOWN
+
+
+def active() -> bool:
+    """Whether this module's hook is the saved-tensor hook in force right now."""
+    hooks = _hooks_in_force()
+    return hooks is not None and hooks is not _UNKNOWN and hooks[0] is _pack
+
+
+def foreign_hooks_in_force() -> bool:
+    """Whether someone else's saved-tensor hooks (checkpointing, offloading) are in force; unknown counts as yes."""
+    hooks = _hooks_in_force()
+    return hooks is _UNKNOWN or (hooks is not None and hooks[0] is not _pack)
 
 
 def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0"
-
-
-def _others_in_force() -> bool:
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return True  # unknown torch internals: leave saving alone
-    try:
-        return top(False) is not None
-    except Exception:
-        return True
 
 
 def recomputing_activations():
@@ -110,7 +114,7 @@ def recomputing_activations():
         not enabled()
         or not torch.is_grad_enabled()
         or torch.compiler.is_compiling()
-        or _others_in_force()
+        or foreign_hooks_in_force()
     ):
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)

@@ -29,15 +29,7 @@ def _saved_hooks_active() -> bool:
     own activation recomputation does not count: its recomputed factors are read as
     recipes (see :func:`_factor`). Unknown torch internals count as active.
     """
-    if activation_savings.active():
-        return False
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return True
-    try:
-        return top(False) is not None
-    except Exception:
-        return True
+    return activation_savings.foreign_hooks_in_force()
 
 
 def _factor(node, attr: str, producer, depth: int):
