@@ -39,6 +39,7 @@ from peftcore.modules_to_save import (
 )
 from peftcore.plugins import hooks, method_for_config
 from peftcore.preparation import checkpointing_on, offload_checkpointed_inputs, require_input_grads
+from peftcore.quantized import is_quantized_model
 from peftcore.rollback import Bookkeeping, Trainability, unchanged_on_failure
 from peftcore.walking import walk_modules
 
@@ -302,7 +303,7 @@ class PeftModel(nn.Module):
         Checkpointed blocks of a frozen model need an input that requires grad, or
         no gradient reaches the adapters inside them.
         """
-        if not any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+        if not is_quantized_model(model):
             require_input_grads(model)
         return model
 
@@ -471,7 +472,7 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
-        config: PeftConfig | None = None, allow_pickle: bool = False, **kwargs,
+        config: PeftConfig | None = None, allow_pickle: bool = False, autocast_adapter_dtype: bool = True, **kwargs,
     ) -> "PeftModel":
         """Load a PEFT-format adapter from a local folder or a Hub repo id onto ``model``."""
         hub_kwargs = {
@@ -492,12 +493,12 @@ class PeftModel(nn.Module):
         if member_adapters.member_names(config):  # it builds on other adapters: those come first
             return member_adapters.from_pretrained(
                 model_cls, model, member_adapters.local_folder(model_id, subfolder), adapter_name, config,
-                is_trainable, allow_pickle=allow_pickle, **{k: v for k, v in kwargs.items() if k != "subfolder"},
+                is_trainable, allow_pickle=allow_pickle, autocast_adapter_dtype=autocast_adapter_dtype,
+                **{k: v for k, v in kwargs.items() if k != "subfolder"},
             )
         before = Bookkeeping(model)
         with _blamed_on(where, model):
-            peft_model = model_cls(model, config, adapter_name,
-                                   autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
+            peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft_model._load_state_dict_into(config, adapter_name, weights, path)
         except BaseException:  # give the caller's model back as it came, not wrapped around a random adapter
@@ -514,6 +515,7 @@ class PeftModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         allow_pickle: bool = False,
+        autocast_adapter_dtype: bool = True,
         **kwargs,
     ):
         """Add adapter ``adapter_name`` from files; on any failure the model is left as it was.
@@ -535,14 +537,14 @@ class PeftModel(nn.Module):
         weights = serialization.read_weights(path)
         members = member_adapters.load_missing_members(
             self, member_adapters.local_folder(model_id, subfolder), config, allow_pickle=allow_pickle,
-            **{k: v for k, v in kwargs.items() if k != "subfolder"},
+            autocast_adapter_dtype=autocast_adapter_dtype, **{k: v for k, v in kwargs.items() if k != "subfolder"},
         )
         loaded = []
         try:
             # the tensors are loaded before a merged model is unmerged or any flag is settled
             with _blamed_on(where, self.get_base_model()):
                 self._add_adapter(
-                    adapter_name, config, autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True),
+                    adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype,
                     fill=lambda: loaded.append(self._load_state_dict_into(config, adapter_name, weights, path)),
                 )
         except BaseException:
@@ -780,7 +782,8 @@ TASK_HEADS: dict[str | None, list[str]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
     """Wrap ``model`` (modified in place) with a new adapter, choosing the wrapper from ``task_type``."""
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a peftcore config (e.g. LoraConfig), got {type(peft_config).__name__}")
@@ -795,5 +798,4 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
             "The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2
         )
     model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
-    return model_cls(model, peft_config, adapter_name,
-                     autocast_adapter_dtype=kwargs.get("autocast_adapter_dtype", True))
+    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

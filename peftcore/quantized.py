@@ -19,6 +19,12 @@ from torch import nn
 
 #: top-level package of a quantisation library -> the peftcore plugin that supports its layers
 QUANTIZATION_PLUGINS = {"bitsandbytes": "peftcore-bnb"}
+#: what transformers sets on a model it loaded quantized
+QUANTIZED_MODEL_FLAGS = ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized")
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    return any(getattr(model, flag, False) for flag in QUANTIZED_MODEL_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ def forget_quantization(model: nn.Module) -> None:
             del config.quantization_config
         except AttributeError:
             config.quantization_config = None
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+    for attr in QUANTIZED_MODEL_FLAGS:
         if getattr(model, attr, False):
             setattr(model, attr, False)
     if getattr(model, "hf_quantizer", None) is not None:

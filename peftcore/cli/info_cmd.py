@@ -13,6 +13,7 @@ from peftcore.cli.render import human_bytes, table
 from peftcore.files import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,
+    README_NAME,
     SAFETENSORS_WEIGHTS_NAME,
     AdapterFileError,
     committed_file,
@@ -124,7 +125,7 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
     raw, tensors, size = _read_files(folder, allow_pickle)
     problems, modules = check(raw, tensors)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-    card = folder / "README.md"  # PEFT writes the base's quantization config into the model card
+    card = folder / README_NAME  # PEFT writes the base's quantization config into the model card
     quantization = card_quantization(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else None
     return {
         "folder": str(folder), "peft_type": raw.get("peft_type"), "task_type": raw.get("task_type"),
