@@ -279,7 +279,7 @@ class AdapterLayer(nn.Module):
         if ref is None:
             return
         dtype = ref.dtype if ref.is_floating_point() else None
-        for holder, item, tensors in self._adapter_holdings(adapter_name):
+        for _, holder, item, tensors in self.adapter_holdings(adapter_name):
             if all(t.device == ref.device and (dtype is None or t.dtype == dtype) for t in tensors):
                 continue  # already in place: Module.to would only cost time (attaching hundreds of layers)
             if isinstance(item, nn.Parameter):
@@ -294,19 +294,23 @@ class AdapterLayer(nn.Module):
         Half-precision adapter weights train poorly; the forward casts inputs to the
         adapter's dtype and the result back, so a float32 adapter runs on a half base.
         """
-        for _, _, params in self._adapter_holdings(adapter_name):
+        for *_, params in self.adapter_holdings(adapter_name):
             for param in params:
                 if param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()
 
-    def _adapter_holdings(self, adapter_name: str):
-        """``(holder, item, its parameters)`` of adapter ``adapter_name`` in every per-adapter holder."""
-        for attr in self.adapter_layer_names + self.other_param_names:
+    def adapter_holdings(self, adapter_name: str, attrs: tuple[str, ...] | None = None):
+        """``(holder name, holder, item, its parameters)`` of adapter ``adapter_name``, holder by holder.
+
+        ``attrs``: the holders to look in (default ``adapter_layer_names`` + ``other_param_names``);
+        only ``nn.ModuleDict``/``nn.ParameterDict`` holders that have the adapter count.
+        """
+        for attr in self.adapter_layer_names + self.other_param_names if attrs is None else attrs:
             holder = getattr(self, attr, None)
             if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in holder:
                 continue
             item = holder[adapter_name]
-            yield holder, item, [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            yield attr, holder, item, [item] if isinstance(item, nn.Parameter) else list(item.parameters())
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         warnings.warn("_move_adapter_to_device_of_base_layer is now place_adapter (and the core calls it)",

@@ -64,12 +64,7 @@ class QuantizedBase:
     def check_representable(self, names: list[str]) -> None:
         """Adapters whose dtype bitsandbytes cannot quantise a sum in (float64, ...) are refused, by name."""
         for name in names:
-            for attr in self.adapter_layer_names:
-                holder = getattr(self, attr)
-                if name not in holder:
-                    continue
-                item = holder[name]
-                tensors = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+            for attr, _, _, tensors in self.adapter_holdings(name, self.adapter_layer_names):
                 bad = {str(t.dtype) for t in tensors if t.dtype not in quant.REPRESENTABLE_DTYPES}
                 if bad:
                     raise ValueError(
@@ -121,12 +116,8 @@ class QuantizedBase:
         """Identity and in-place version of every merged adapter tensor, and the scalings: equal means unchanged."""
         parts = []
         for name in self.merged_adapters:
-            for attr in self.adapter_layer_names:
-                holder = getattr(self, attr)
-                if name in holder:
-                    item = holder[name]
-                    for t in [item] if isinstance(item, torch.Tensor) else item.parameters():
-                        parts.append((id(t), t._version))
+            for *_, tensors in self.adapter_holdings(name, self.adapter_layer_names):
+                parts.extend((id(t), t._version) for t in tensors)
             parts.append(repr(getattr(self, "scaling", {}).get(name)))
         return tuple(parts)
 
