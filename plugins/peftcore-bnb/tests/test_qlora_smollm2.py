@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import peftcore
-from peftcore.cli.assets import AssetError, smollm2_dir
-from peftcore.cli.datasets import load_dataset, split
+from peftcore.cli.datasets import split
+from peftcore.testing import wheel_assets
 
 LABEL_WORDS = (" ham", " spam")
 QUANT = {
@@ -20,11 +20,7 @@ QUANT = {
 
 @pytest.fixture(scope="module")
 def assets():
-    try:
-        path = smollm2_dir()
-        data = load_dataset("sms-spam")
-    except AssetError as exc:
-        pytest.skip(str(exc))
+    path, data = wheel_assets("sms-spam")
     return path, AutoTokenizer.from_pretrained(path), data
 
 

@@ -6,19 +6,15 @@ import pytest
 import torch
 
 from peftcore import PromptTuningConfig, get_peft_model
-from peftcore.cli.assets import AssetError, smollm2_dir
-from peftcore.cli.datasets import load_dataset, split
+from peftcore.cli.datasets import split
+from peftcore.testing import wheel_assets
 
 LABEL_WORDS = (" ham", " spam")
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        path = smollm2_dir()
-        data = load_dataset("sms-spam")
-    except AssetError as exc:
-        pytest.skip(str(exc))
+    path, data = wheel_assets("sms-spam")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return (
