@@ -8,12 +8,29 @@ import dis
 import sys
 import warnings
 
+from peftcore.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from peftcore.config import LayerConfig, PeftConfig, PeftType, TaskType, get_peft_config
 from peftcore.distributed import fsdp_auto_wrap_policy
+from peftcore.errors import NoMatchingPeftModuleError, PeftError, PeftWarning
 from peftcore.files import AdapterFileError
 from peftcore.input_adapter import InputAdapter
 from peftcore.layer import BASE_ADAPTER, AdapterLayer
 from peftcore.layer_tuner import LayerTuner
+from peftcore.mapping import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    inject_adapter_in_model,
+)
 from peftcore.method import LayerSupport, Method
 from peftcore.modules_to_save import ModulesToSaveWrapper
 from peftcore.peft_model import (
@@ -27,8 +44,16 @@ from peftcore.peft_model import (
     get_peft_model,
 )
 from peftcore.plugins import hookimpl, register_plugin, unregister_plugin
-from peftcore.preparation import prepare_model_for_kbit_training
-from peftcore.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from peftcore.preparation import cast_mixed_precision_params, prepare_model_for_kbit_training
+from peftcore.prompt_learning import PromptLearningConfig
+from peftcore.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
+from peftcore.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftcore.version import HOOKSPEC_VERSION, __version__
 
 # Names of hookspec version 1, kept for plugins written against it.
@@ -67,11 +92,17 @@ def _called_by_from_import() -> bool:
 
 
 __all__ = [
-    "BASE_ADAPTER", "HOOKSPEC_VERSION", "AdapterFileError", "AdapterLayer", "InputAdapter", "LayerConfig",
-    "LayerSupport", "LayerTuner", "Method", "ModulesToSaveWrapper", "PeftConfig", "PeftModel", "PeftModelForCausalLM",
+    "AdapterFileError", "AdapterLayer", "AutoPeftModel", "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification", "BASE_ADAPTER", "HOOKSPEC_VERSION",
+    "InputAdapter", "LayerConfig", "LayerSupport", "LayerTuner", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "Method",
+    "ModulesToSaveWrapper", "NoMatchingPeftModuleError", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING", "PeftConfig", "PeftError", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
-    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType", "__version__",
-    "fsdp_auto_wrap_policy", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
-    "load_peft_weights", "prepare_model_for_kbit_training", "register_plugin", "set_peft_model_state_dict",
-    "unregister_plugin",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "PeftWarning",
+    "PromptLearningConfig", "TaskType", "TunerLayerStatus", "TunerModelStatus", "__version__",
+    "cast_mixed_precision_params", "fsdp_auto_wrap_policy", "get_base_model_state_dict", "get_layer_status",
+    "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
+    "inject_adapter_in_model", "load_peft_weights", "prepare_model_for_kbit_training", "register_plugin",
+    "set_base_model_state_dict", "set_peft_model_state_dict", "unregister_plugin"
 ]

@@ -208,10 +208,12 @@ def config_as_dict(config: PeftConfig) -> dict:
     return json_ready(hooks.config_to_dict(config=config))
 
 
-def config_json(config: PeftConfig, inference_mode: bool = True) -> str:
-    """``adapter_config.json``'s text for ``config``, as PEFT writes it (sorted keys, ``inference_mode`` set)."""
+def config_json(config: PeftConfig, inference_mode: bool = True, extra: dict | None = None) -> str:
+    """``adapter_config.json``'s text for ``config``, as PEFT writes it (sorted keys, ``inference_mode`` set,
+    ``extra`` fields such as ``auto_mapping`` added)."""
     data = config_as_dict(config)
     data["inference_mode"] = inference_mode
+    data.update(json_ready(extra or {}))
     return json.dumps(data, indent=2, sort_keys=True)
 
 

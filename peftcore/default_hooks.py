@@ -40,7 +40,8 @@ def config_from_dict(data):
 
 @hookimpl(trylast=True)
 def config_to_dict(config):
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    # fields marked "runtime" (LoRA's runtime_config) describe this process, not the adapter: never written
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if not f.metadata.get("runtime")}
 
 
 @hookimpl(trylast=True)

@@ -6,13 +6,15 @@ import json
 import os
 from pathlib import Path
 
+from peftcore.errors import PeftError
+
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 README_NAME = "README.md"  # the model card (peftcore.model_card)
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(PeftError, ValueError):
     """An adapter folder or file that cannot be used, with the path and the reason."""
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from peftcore import matching
 from peftcore.adapter_names import check_adapter_name
+from peftcore.errors import NoMatchingPeftModuleError
 from peftcore.layer import AdapterLayer
 from peftcore.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from peftcore.plugins import hooks, layer_supports, method_for_config, methods, pick_layer_support
@@ -25,14 +26,36 @@ WRAPPERS = (AdapterLayer, ModulesToSaveWrapper)  # candidates for a new adapter 
 
 
 class LayerTuner(nn.Module):
-    """Holds the wrapped model as ``self.model`` and the configs in ``self.peft_config``."""
+    """Holds the wrapped model as ``self.model`` and the configs in ``self.peft_config``.
 
-    def __init__(self, model: nn.Module, config, adapter_name: str = "default"):
+    ``LayerTuner(model, config, adapter_name)`` injects the adapter's layers into ``model``
+    in place, as PEFT's ``LoraModel(model, config, adapter_name)`` does; ``config`` may also
+    be PEFT's ``{adapter_name: config}``. With ``state_dict`` (PEFT's argument), the modules
+    to wrap are read from its keys instead of ``target_modules``; its values are not loaded.
+    """
+
+    def __init__(self, model: nn.Module, config, adapter_name: str = "default", low_cpu_mem_usage: bool = False,
+                 state_dict: dict | None = None):
         super().__init__()
+        if isinstance(config, dict):
+            if list(config) != [adapter_name]:
+                raise ValueError(f"{type(self).__name__}: a config dict must hold exactly the adapter "
+                                 f"{adapter_name!r}, got {sorted(config)}")
+            config = config[adapter_name]
         self.model = model
         self.peft_config: dict = {}
         self._active_adapter: str | list[str] = adapter_name
-        self.inject_adapter(config, adapter_name)
+        names = None
+        if state_dict is not None:
+            names = matching.module_names_in_state_dict(state_dict, method_for_config(config).tensor_prefixes)
+        self.inject_adapter(config, adapter_name, module_names=names)
+
+    @property
+    def prefix(self) -> str:
+        """The start of every adapter parameter's name segment (PEFT's ``LoraModel.prefix``: "lora_")."""
+        first = self.peft_config[self._first_active() or next(iter(self.peft_config))]
+        prefixes = method_for_config(first).tensor_prefixes
+        return prefixes[0] if prefixes else ""
 
     def __getattr__(self, name: str):
         try:
@@ -57,9 +80,9 @@ class LayerTuner(nn.Module):
 
     # -- injection -------------------------------------------------------------
 
-    def inject_adapter(self, config, adapter_name: str, fill=None) -> None:
+    def inject_adapter(self, config, adapter_name: str, fill=None, module_names: set[str] | None = None) -> None:
         """Add adapter ``adapter_name``: wrap its targets, run ``fill()`` (if given: load its tensors), then settle
-        which adapters train.
+        which adapters train. ``module_names`` (full names) replaces ``target_modules`` as the rule for what to wrap.
 
         A failure before the last step removes everything the adapter added; until then
         nothing else in the model has changed but trainability flags (a merged model is
@@ -72,7 +95,7 @@ class LayerTuner(nn.Module):
         self.peft_config[adapter_name] = config
         try:
             self._wrap_modules_to_save(config, adapter_name)
-            self._wrap_targets(method, config, adapter_name)
+            self._wrap_targets(method, config, adapter_name, module_names)
             if fill is not None:
                 fill()
         except BaseException:
@@ -93,13 +116,20 @@ class LayerTuner(nn.Module):
             if adapter_name in wrapper.modules_to_save:
                 wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
-    def _wrap_targets(self, method, config, adapter_name: str) -> None:
+    def _wrap_targets(self, method, config, adapter_name: str, module_names: set[str] | None = None) -> None:
         matched = 0
         wrapped_prefix = None  # descendants of a module just wrapped follow it in pre-order: skip them
+        disagree: dict[str, list[str]] = {"config": [], "state_dict": []}
         for key, target in list(walk_modules(self.model, stop_at=WRAPPERS)):
             if not key or (wrapped_prefix is not None and key.startswith(wrapped_prefix)):
                 continue
-            if not hooks.is_target_module(config=config, module_name=key, module=target, model=self.model):
+            by_config = hooks.is_target_module(config=config, module_name=key, module=target, model=self.model)
+            if module_names is not None:
+                in_state_dict = key.removeprefix("_orig_mod.") in module_names
+                if bool(by_config) != in_state_dict:
+                    disagree["state_dict" if in_state_dict else "config"].append(key)
+                by_config = in_state_dict
+            if not by_config:
                 continue
             matched += 1
             if isinstance(target, AdapterLayer) and target.peft_type not in method.builds_on:
@@ -124,7 +154,13 @@ class LayerTuner(nn.Module):
             set_submodule(self.model, key, wrapper)
             wrapped_prefix = f"{key}."
         if matched == 0:
-            raise ValueError(matching.describe_no_match(config, self.model))
+            raise NoMatchingPeftModuleError(matching.describe_no_match(config, self.model))
+        if disagree["config"] or disagree["state_dict"]:
+            warnings.warn(
+                f"adapter {adapter_name!r}: the modules wrapped were taken from the state_dict, which differs from "
+                f"target_modules; only in the config: {disagree['config']}, only in the state_dict: "
+                f"{disagree['state_dict']}", RuntimeWarning, stacklevel=3,
+            )
         # which adapters are active (and train) is settled by _freeze_all_but_adapters, which follows
 
     def _wrap_modules_to_save(self, config, adapter_name: str) -> None:

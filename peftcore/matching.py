@@ -126,6 +126,20 @@ def resolve_targets(config, model: nn.Module, default_targets: Callable[[str | N
         config.target_modules = all_linear_names(model, config.task_type)
 
 
+def module_names_in_state_dict(state_dict: dict, tensor_prefixes: tuple[str, ...]) -> set[str]:
+    """The modules an adapter state dict has tensors for: the part of each key before the method's first segment
+    (``x.q.lora_A.weight`` -> ``x.q``), without PEFT's ``base_model.model.`` or torch.compile's ``_orig_mod.``."""
+    names = set()
+    for key in state_dict:
+        parts = key.split(".")
+        cut = next((i for i, part in enumerate(parts) if part.startswith(tensor_prefixes)), None)
+        if cut is None:
+            continue
+        name = ".".join(parts[:cut]).removeprefix("base_model.model.").removeprefix("_orig_mod.")
+        names.add(name)
+    return names
+
+
 def describe_no_match(config, model: nn.Module) -> str:
     names = [name for name, _ in model.named_modules() if name]
     leaves = [name for name, module in model.named_modules() if name and not list(module.children())]

@@ -37,7 +37,10 @@ class Method:
     (``peft_type``) whose adapters this method's adapters work with: a model holds
     adapters of one method, or of methods one of which builds on the other (a fusion
     adapter beside the LoRA adapters it attends over), and a layer of a method it
-    builds on may be wrapped by this method's layers.
+    builds on may be wrapped by this method's layers. ``tuner_class`` is the class of
+    ``PeftModel.base_model`` for the method's adapters (PEFT's ``LoraModel``, ...): a
+    subclass of :class:`peftcore.LayerTuner` that adds nothing or the method's own model-wide
+    operations; None means ``LayerTuner`` itself.
     """
 
     peft_type: str
@@ -49,6 +52,7 @@ class Method:
     disk_key: Callable[[str, str, PeftConfig], str | None] | None = None
     description: str = ""
     builds_on: tuple[str, ...] = ()
+    tuner_class: type | None = None
 
     def __post_init__(self):
         if not self.name:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from peftcore import hub, lm_loss, member_adapters, serialization
+from peftcore import hub, lm_loss, member_adapters, serialization, status
 from peftcore.activation_savings import recomputing_activations
 from peftcore.adapter_folder import adapter_subfolder
 from peftcore.adapter_names import check_adapter_name
@@ -68,7 +68,7 @@ class PeftModel(nn.Module):
                 self._prompt_disabled = False
                 self._add_model_adapter(peft_config, adapter_name)
             else:
-                self.base_model = LayerTuner(model, peft_config, adapter_name)
+                self.base_model = (method.tuner_class or LayerTuner)(model, peft_config, adapter_name)
                 if autocast_adapter_dtype:
                     self._upcast_adapter(adapter_name)
         self.config = getattr(model, "config", {"model_type": "custom"})
@@ -277,17 +277,22 @@ class PeftModel(nn.Module):
     # -- parameters ------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable, total = 0, 0
-        for param in self.parameters():
-            count = param.numel()
-            if count == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 keeps a placeholder
-                count = param.ds_numel
-            if param.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
-                count = count * 2 * getattr(param, "element_size", lambda: 1)()
-            total += count
-            if param.requires_grad:
-                trainable += count
-        return trainable, total
+        return status.count_parameters(self)
+
+    def adapter_layers_root(self) -> LayerTuner:
+        """The module under which the adapter layers are; a prompt-learning model has none (TypeError)."""
+        if not self._uses_layers:
+            raise TypeError(f"{self.active_peft_config.peft_type} is a prompt-learning method: the model has no "
+                            "adapter layers to report on (get_layer_status / get_model_status)")
+        return self.base_model
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """Per adapter layer: name, type, enabled, active/merged/available adapters, requires_grad, devices."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """The model-wide summary, ``"irregular"`` where layers disagree."""
+        return status.get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -442,13 +447,23 @@ class PeftModel(nn.Module):
                                task_type=self.active_peft_config.task_type) if is_main_process else None
         for name in names:
             config = self.peft_config[name]
+            if config.base_model_name_or_path is None:  # an adapter added after get_peft_model (PEFT fills it here)
+                config.base_model_name_or_path = _base_name(self)
             with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
                 tensors = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
             if not is_main_process:
                 continue
-            serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization)
+            serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization,
+                                             extra_config=self._auto_mapping(config))
         if is_main_process:
             write_model_card(save_directory, card)
+
+    def _auto_mapping(self, config: PeftConfig) -> dict | None:
+        """Where ``AutoPeftModel`` finds the base's class when ``task_type`` does not say (PEFT's field)."""
+        if config.task_type is not None:
+            return None
+        base_class = type(self.get_base_model())
+        return {"auto_mapping": {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}}
 
     def push_to_hub(
         self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
@@ -762,6 +777,23 @@ class PeftModelForFeatureExtraction(PeftModel):
         )
 
 
+def _base_name(model: nn.Module) -> str | None:
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    return inner.__dict__.get("name_or_path") or None  # a model built from a config has "": not a Hub id
+
+
+def _record_base(config: PeftConfig, model: nn.Module, revision: str | None) -> None:
+    old, new = config.base_model_name_or_path, _base_name(model)
+    config.base_model_name_or_path = new
+    if old is not None and old != new:
+        warnings.warn(f"the config's base_model_name_or_path was {old!r} and is now {new!r} (the model's "
+                      "name_or_path): make sure the adapter is loaded onto the right base", stacklevel=3)
+    if revision is not None:
+        if config.revision is not None and config.revision != revision:
+            warnings.warn(f"the config's revision {config.revision!r} is replaced by {revision!r}", stacklevel=3)
+        config.revision = revision
+
+
 def _drop_none(**kwargs) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -783,10 +815,15 @@ TASK_HEADS: dict[str | None, list[str]] = {
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
-    """Wrap ``model`` (modified in place) with a new adapter, choosing the wrapper from ``task_type``."""
+                   autocast_adapter_dtype: bool = True, revision: str | None = None, **kwargs) -> PeftModel:
+    """Wrap ``model`` (modified in place) with a new adapter, choosing the wrapper from ``task_type``.
+
+    As in PEFT, the config's ``base_model_name_or_path`` becomes the model's ``name_or_path`` (a warning says so
+    when it replaces another name) and ``revision``, if given, the base's revision written with the adapter.
+    """
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a peftcore config (e.g. LoraConfig), got {type(peft_config).__name__}")
+    _record_base(peft_config, model, revision)
     if isinstance(model, PeftModel) and (not model._uses_layers or method_for_config(peft_config).kind == "model"):
         raise ValueError(
             f"get_peft_model got a PeftModel holding {model.active_peft_config.peft_type} adapters and a "

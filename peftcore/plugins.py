@@ -11,6 +11,7 @@ from functools import cache
 import pluggy
 
 from peftcore import hookspecs
+from peftcore.errors import PeftError
 from peftcore.method import LayerSupport, Method
 from peftcore.version import HOOKSPEC_VERSION, SUPPORTED_HOOKSPEC_VERSIONS
 
@@ -27,7 +28,7 @@ class PluginInfo:
     error: str | None = None  # why it is not in use, if it is not
 
 
-class PluginError(ValueError):
+class PluginError(PeftError, ValueError):
     """A plugin that cannot be used: a misspelt hook, a hookspec version this peftcore lacks, a clashing method."""
 
 

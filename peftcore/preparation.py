@@ -122,3 +122,13 @@ def offload_checkpointed_inputs(model: nn.Module, checkpoint_kwargs: dict, offlo
     for layer in layers:
         layer._gradient_checkpointing_func = partial(offloaded_checkpoint, offload=offload, **checkpoint_kwargs)
     return len(layers)
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters to ``dtype`` (float16/bfloat16), trainable ones to float32, in place (PEFT's function):
+    the memory of a half-precision base with full-precision adapter updates under autocast."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"cast_mixed_precision_params: dtype must be a floating torch.dtype, got {dtype!r}")
+    for param in model.parameters():
+        if param.is_floating_point():  # quantized storage (int8, packed 4-bit) keeps its dtype
+            param.data = param.data.to(torch.float32 if param.requires_grad else dtype)

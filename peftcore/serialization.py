@@ -64,11 +64,12 @@ def save_weights(
 
 def save_adapter_files(
     save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: PeftConfig,
-    safe_serialization: bool = True,
+    safe_serialization: bool = True, extra_config: dict | None = None,
 ) -> None:
-    """Write one adapter's config and weights into ``save_directory`` as a unit (see peftcore.adapter_folder)."""
+    """Write one adapter's config (plus ``extra_config`` fields) and weights into ``save_directory`` as a unit
+    (see peftcore.adapter_folder)."""
     name, write = weights_writer(state_dict, safe_serialization)
-    writers = {name: write, CONFIG_NAME: text_writer(config_json(config))}
+    writers = {name: write, CONFIG_NAME: text_writer(config_json(config, extra=extra_config))}
     write_files(save_directory, writers, remove=_replaced_formats(name))
 
 

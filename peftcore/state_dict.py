@@ -110,3 +110,71 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None, ke
                     break
         remapped[prefix + rest] = tensor
     return remapped
+
+
+# -- the base model's own weights, under the names it had before any adapter ------------------
+
+
+def _original_key(root, key: str) -> str | None:
+    """``x.q.base_layer.weight`` -> ``x.q.weight``; None for a tensor of an adapter (anything beside ``base_layer``
+    in an adapter layer, or a per-adapter copy in a ``modules_to_save`` wrapper). Decided by module type at each
+    step, not by the words in the key: a base model may have a module named ``base_layer`` of its own."""
+    from peftcore.layer import AdapterLayer
+    from peftcore.modules_to_save import ModulesToSaveWrapper
+
+    kept, current = [], root
+    for part in key.split("."):
+        if current is None:
+            kept.append(part)
+            continue
+        if isinstance(current, AdapterLayer):
+            if part != "base_layer":
+                return None
+            current = current.base_layer
+            continue
+        if isinstance(current, ModulesToSaveWrapper):
+            if part != "original_module":
+                return None
+            current = current.original_module
+            continue
+        child = current._modules.get(part)
+        kept.append(part)
+        current = child
+    return ".".join(kept)
+
+
+def _base_and_keys(model) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The module holding the base weights and {original key: key in that module's state dict}."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keys = {}
+    for key in base.state_dict(keep_vars=True):
+        original = _original_key(base, key)
+        if original is not None:
+            keys[original] = key
+    return base, keys
+
+
+def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with the keys it had before the adapters came, without adapter tensors
+    (PEFT's function of this name): what ``base_model.state_dict()`` gave before ``get_peft_model``."""
+    base, keys = _base_and_keys(model)
+    state = base.state_dict()
+    return {original: state[key] for original, key in keys.items()}
+
+
+def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load base weights keyed as in the model before the adapters (:func:`get_base_model_state_dict`'s keys)
+    into the adapted model; adapter tensors are untouched. ``strict``: missing or unknown keys raise a
+    RuntimeError naming them (before anything is loaded). Returns ``missing_keys`` / ``unexpected_keys``."""
+    base, keys = _base_and_keys(model)
+    unexpected = [k for k in state_dict if k not in keys]
+    missing = [k for k in keys if k not in state_dict]
+    if strict and (missing or unexpected):
+        problems = []
+        if missing:
+            problems.append(f"Missing key(s) in state_dict: {missing}")
+        if unexpected:
+            problems.append(f"Unexpected key(s) in state_dict: {unexpected}")
+        raise RuntimeError("Error(s) in loading state_dict for the base model:\n\t" + "\n\t".join(problems))
+    base.load_state_dict({keys[k]: v for k, v in state_dict.items() if k in keys}, strict=False)
+    return _IncompatibleKeys(missing, unexpected)

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal, Union
 
+from peftcore.errors import PeftError
 
-class ConfigError(ValueError):
+
+class ConfigError(PeftError, ValueError):
     """A config field whose value cannot be used; the message names the config class, the field and the value."""
 
     def __init__(self, message: str, field: str | None = None, value: Any = None):

@@ -43,3 +43,9 @@ def parent_and_name(model: nn.Module, key: str) -> tuple[nn.Module, str]:
 def set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:
     parent, child = parent_and_name(model, key)
     setattr(parent, child, module)
+
+
+def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """``(parent, target, target_name)`` for the module at dotted path ``key`` (PEFT's ``_get_submodules``)."""
+    parent, name = parent_and_name(model, key)
+    return parent, getattr(parent, name), name

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from peftcore import LayerSupport, Method, hookimpl
+from peftcore import LayerSupport, LayerTuner, Method, hookimpl
 from peftcore.method import strip_adapter_name
 from peftcore.serialization import default_adapter_state_dict, default_load_adapter_state_dict, tensors_by_module
 
@@ -17,7 +17,7 @@ from peftcore_adalora import allocator
 from peftcore_adalora.config import DEFAULT_TARGET_MODULES, AdaLoraConfig, rank_pattern_module
 from peftcore_adalora.layer import AdaLoraLayer, SVDConv2d, SVDLinear
 
-__all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "RankAllocator"]  # noqa: F822 (AdaLoraCallback: lazily)
+__all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "AdaLoraModel", "RankAllocator"]  # noqa: F822 (AdaLoraCallback: lazily)
 
 RankAllocator = allocator.RankAllocator
 TENSOR_PREFIXES = ("lora_",)
@@ -51,9 +51,15 @@ def _is_adalora_model(model: nn.Module) -> bool:
     return any(isinstance(c, AdaLoraConfig) for c in getattr(model, "peft_config", {}).values())
 
 
+class AdaLoraModel(LayerTuner):
+    """PEFT's ``AdaLoraModel``: ``AdaLoraModel(model, config, adapter_name)`` wraps ``model``'s target modules with
+    AdaLoRA layers in place; ``PeftModel.base_model`` is one for AdaLoRA adapters."""
+
+
 @hookimpl
 def register_methods(register):
     register(Method(peft_type="ADALORA", name="adalora", config_class=AdaLoraConfig, tensor_prefixes=TENSOR_PREFIXES,
+                    tuner_class=AdaLoraModel,
                     disk_key=adalora_disk_key,
                     description="AdaLoRA: SVD-form LoRA whose ranks are reallocated by importance during training"))
 

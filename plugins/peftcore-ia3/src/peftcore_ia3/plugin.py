@@ -6,13 +6,13 @@ import dataclasses
 
 from torch import nn
 
-from peftcore import LayerSupport, Method, hookimpl
+from peftcore import LayerSupport, LayerTuner, Method, hookimpl
 from peftcore.serialization import tensors_by_module
 
 from peftcore_ia3.config import DEFAULT_FEEDFORWARD_MODULES, DEFAULT_TARGET_MODULES, PEFTCORE_ONLY_FIELDS, IA3Config
 from peftcore_ia3.layer import Conv2d, Conv3d, IA3Layer, Linear
 
-__all__ = ["IA3Config", "IA3Layer"]
+__all__ = ["IA3Config", "IA3Layer", "IA3Model"]
 
 TENSOR_PREFIXES = ("ia3_",)
 
@@ -21,9 +21,15 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+class IA3Model(LayerTuner):
+    """PEFT's ``IA3Model``: ``IA3Model(model, config, adapter_name)`` wraps ``model``'s target modules with (IA)^3
+    layers in place; ``PeftModel.base_model`` is one for (IA)^3 adapters."""
+
+
 @hookimpl
 def register_methods(register):
     register(Method(peft_type="IA3", name="ia3", config_class=IA3Config, tensor_prefixes=TENSOR_PREFIXES,
+                    tuner_class=IA3Model,
                     description="(IA)^3: learned vectors that rescale activations (Linear, Conv1D, Conv2d/3d)"))
 
 

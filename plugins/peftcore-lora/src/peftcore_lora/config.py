@@ -69,6 +69,19 @@ UNSUPPORTED_WHEN_SET = (
 
 
 @dataclass
+class LoraRuntimeConfig:
+    """Settings for this process only, never saved (PEFT's class). ``ephemeral_gpu_offload``: move CPU-held
+    weights to the GPU for DoRA's initialisation; peftcore-lora accepts it and computes where the weights are."""
+
+    ephemeral_gpu_offload: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.ephemeral_gpu_offload, bool):
+            raise ConfigError(f"LoraRuntimeConfig: ephemeral_gpu_offload must be true or false, got "
+                              f"{self.ephemeral_gpu_offload!r}", "ephemeral_gpu_offload", self.ephemeral_gpu_offload)
+
+
+@dataclass
 class LoraConfig(LayerConfig):
     r: int = field(default=8, metadata={"help": "LoRA rank", "range": POSITIVE})
     lora_alpha: Union[int, float] = field(default=8, metadata={"help": "scaling numerator: scale = lora_alpha / r"})
@@ -105,6 +118,7 @@ class LoraConfig(LayerConfig):
     arrow_config: Optional[dict] = field(default=None)
     kasa_config: Optional[dict] = field(default=None)
     ensure_weight_tying: bool = field(default=False)
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig, metadata={"runtime": True})
 
     def __post_init__(self):
         self.peft_type = "LORA"

@@ -6,14 +6,14 @@ import warnings
 
 from torch import nn
 
-from peftcore import LayerSupport, Method, hookimpl
+from peftcore import LayerSupport, LayerTuner, Method, hookimpl
 from peftcore.method import strip_adapter_name
 from peftcore.serialization import tensors_by_module
 
-from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoraConfig, matches_pattern
+from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoraConfig, LoraRuntimeConfig, matches_pattern
 from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
 
-__all__ = ["LoraConfig", "LoraLayer"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
 
 TENSOR_PREFIXES = ("lora_",)
 
@@ -34,9 +34,15 @@ def lora_disk_key(key: str, adapter_name: str, config: LoraConfig) -> str | None
     return None
 
 
+class LoraModel(LayerTuner):
+    """PEFT's ``LoraModel``: ``LoraModel(model, config, adapter_name)`` wraps ``model``'s target modules with LoRA
+    layers in place; ``PeftModel.base_model`` is one for LoRA adapters."""
+
+
 @hookimpl
 def register_methods(register):
     register(Method(peft_type="LORA", name="lora", config_class=LoraConfig, tensor_prefixes=TENSOR_PREFIXES,
+                    tuner_class=LoraModel,
                     disk_key=lora_disk_key, description="Low-rank adapters (LoRA, rsLoRA, DoRA, PiSSA/OLoRA init)"))
 
 
