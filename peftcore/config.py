@@ -72,8 +72,9 @@ class PeftConfig:
                 self.task_type = TaskType(str(self.task_type))
             except ValueError:
                 raise ConfigError(
-                    f"{type(self).__name__}: task_type must be None or one of "
-                    f"{', '.join(t.value for t in TaskType)}, got {self.task_type!r}", "task_type", self.task_type
+                    f"{type(self).__name__}: Invalid task type: '{self.task_type}'. Must be one of the following task "
+                    f"types: {', '.join(t.value for t in TaskType)} (task_type may also be None).",
+                    "task_type", self.task_type,
                 ) from None
         if isinstance(self.peft_type, str) and self.peft_type in PeftType._value2member_map_:
             self.peft_type = PeftType(self.peft_type)  # PEFT's enum (``.value``); a plugin's own type stays a str

@@ -48,9 +48,9 @@ def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 def check_finite(tensor: torch.Tensor, adapter_name: str, what: str = "merged weights", where: str = "") -> None:
     if not torch.isfinite(tensor).all():
         place = f" of {where}" if where else ""
-        raise ValueError(
-            f"NaNs or infs in the {what}{place} after merging adapter {adapter_name!r}; "
-            "the base layer is left unchanged"
+        raise ValueError(  # PEFT's first sentence, which scripts match on
+            f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: NaNs or infs in "
+            f"the {what}{place}; the base layer is left unchanged"
         )
 
 
@@ -198,6 +198,12 @@ class AdapterLayer(nn.Module):
                     names.append(name)
         return names
 
+    def _all_available_adapter_names(self) -> list[str]:  # PEFT's name; code that inspects layers calls it
+        return sorted(self.adapter_names)
+
+    def _get_available_adapters(self) -> set[str]:  # PEFT's name: the adapters with trainable tensors here
+        return {name for attr in self.adapter_layer_names for name in (getattr(self, attr, None) or {})}
+
     def has_adapter(self, adapter_name: str) -> bool:
         return any(adapter_name in getattr(self, attr) for attr in self.adapter_layer_names)
 
@@ -227,6 +233,9 @@ class AdapterLayer(nn.Module):
             holder = getattr(self, attr, None)
             if holder is not None and adapter_name in holder:
                 del holder[adapter_name]
+        for attr, value in vars(self).items():  # per-adapter flags a method keeps in plain dicts (not torch's own)
+            if not attr.startswith("_") and isinstance(value, dict) and adapter_name in value:
+                del value[adapter_name]
         if adapter_name in self._active_adapter:
             remaining = [name for name in self._active_adapter if name != adapter_name]
             if not remaining and self.adapter_names:
@@ -493,9 +502,13 @@ class AdapterLayer(nn.Module):
 
     def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        already = [name for name in names if name in self.merged_adapters]
-        if already:
-            warnings.warn(f"Adapters {already} are already merged into {type(self.get_base_layer()).__name__}; skipped")
+        if self.merged:  # PEFT's two warnings, word for word
+            remaining = [name for name in names if name not in self.merged_adapters]
+            if remaining:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(remaining)}.")
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.")
         return [name for name in names if name not in self.merged_adapters and name in self.adapter_names]
 
 

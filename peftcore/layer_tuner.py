@@ -91,6 +91,11 @@ class LayerTuner(nn.Module):
         check_adapter_name(adapter_name)
         method = method_for_config(config)
         check_methods_can_share(method, self.peft_config, adapter_name)
+        with_bias = [name for name, c in {**self.peft_config, adapter_name: config}.items()
+                     if getattr(c, "bias", "none") != "none"]
+        if len(with_bias) > 1:  # each would train the same base biases: the adapters could not be told apart
+            raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, "
+                             f"set bias to 'none' for all adapters (adapters with bias: {with_bias})")
         hooks.prepare_config(config=config, model=self.model)
         self.peft_config[adapter_name] = config
         try:
@@ -277,22 +282,32 @@ class LayerTuner(nn.Module):
 
     @contextmanager
     def adapters_disabled(self):
-        """Base outputs inside the block; afterwards the model is exactly as before (merged, frozen, ...)."""
+        """Base outputs inside the block; afterwards the model is as before (merged, frozen, ...).
+
+        As in PEFT, layers that were all disabled stay so, and a model with some layers enabled and others not
+        (the state a by-hand ``layer.enable_adapters(False)`` leaves) is warned about and ends with all enabled.
+        """
         trainability = Trainability(self)
         merged = MergedWeights(self)  # disabling unmerges (exact base outputs); the exit merges back, bit for bit
         active = self.active_adapters
+        states = {layer.disable_adapters for _, layer in self.adapter_layers()}
+        if len(states) > 1:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all "
+                          "adapters will be enabled", stacklevel=3)
         self.disable_adapter_layers()
         try:
             yield
         finally:
-            self.enable_adapter_layers()  # re-activating makes the active adapters trainable ...
+            if states != {True}:
+                self.enable_adapter_layers()  # re-activating makes the active adapters trainable ...
             if self.active_adapters == active:  # ... unless the block switched adapters itself, put back what was
                 merged.restore()
                 trainability.restore()
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}")
         merged_in = [key for key, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
         if merged_in:  # checked before anything is deleted
             raise ValueError(
@@ -403,7 +418,7 @@ class LayerTuner(nn.Module):
         """
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; pick a new name or delete it first")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; pick a new name or delete it first")
         missing = [a for a in adapters if a not in self.peft_config]
         if missing:
             raise ValueError(f"Unknown adapter(s) {missing}; existing adapters: {sorted(self.peft_config)}")

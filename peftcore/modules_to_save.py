@@ -49,7 +49,8 @@ class ModulesToSaveWrapper(nn.Module):
     def set_adapter(self, adapter_name: str | list[str] | None) -> None:
         if isinstance(adapter_name, (list, tuple)):
             if len(adapter_name) > 1:
-                raise ValueError(f"modules_to_save supports one active adapter at a time, got {adapter_name}")
+                raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper (modules_to_save), "
+                                 f"got {adapter_name}")
             adapter_name = adapter_name[0] if adapter_name else None
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == adapter_name)

@@ -71,7 +71,6 @@ class PeftModel(nn.Module):
                 self.base_model = (method.tuner_class or LayerTuner)(model, peft_config, adapter_name)
                 if autocast_adapter_dtype:
                     self._upcast_adapter(adapter_name)
-        self.config = getattr(model, "config", {"model_type": "custom"})
         if checkpointing:
             require_input_grads(
                 model
@@ -223,7 +222,7 @@ class PeftModel(nn.Module):
     def _check_new_name(self, adapter_name: str) -> None:
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it first or choose another name")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; delete it first or pick another name")
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter (layer methods: or a list of them); it trains unless
@@ -244,7 +243,7 @@ class PeftModel(nn.Module):
             self.base_model.delete_adapter(adapter_name)
             return
         if adapter_name not in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist; existing adapters: {sorted(self.peft_config)}")
         del self.prompt_encoder[adapter_name]
         del self._prompt_configs[adapter_name]
         for wrapper in saved_module_wrappers(self.base_model):

@@ -26,7 +26,7 @@ from peftcore.files import AdapterFileError, check_tensor_kind
 from peftcore.input_adapter import InputAdapter
 from peftcore.modules_to_save import ModulesToSaveWrapper
 from peftcore.serialization import handed_over_state_dict
-from peftcore.validation import POSITIVE
+from peftcore.validation import POSITIVE, ConfigError
 
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
@@ -36,8 +36,9 @@ IGNORE_INDEX = -100  # labels of virtual tokens: ignored by transformers' losses
 class PromptLearningConfig(PeftConfig):
     """PEFT's ``PromptLearningConfig``; the model-shape fields left as None are read from the model."""
 
+    # None is accepted here, as in PEFT (a config may be completed later), and refused when applied to a model
     num_virtual_tokens: Optional[int] = field(default=None, metadata={
-        "help": "Number of virtual tokens", "required": True, "range": POSITIVE})
+        "help": "Number of virtual tokens (required to apply the adapter)", "range": POSITIVE})
     token_dim: Optional[int] = field(default=None, metadata={
         "help": "Hidden embedding dimension of the base model (read from the model if unset)", "range": POSITIVE})
     num_transformer_submodules: Optional[Literal[1, 2]] = field(
@@ -69,6 +70,9 @@ class PromptLearningConfig(PeftConfig):
 
     def fill_from_model_config(self, model_config: Any) -> None:
         """Fill the unset shape fields from a transformers config (PEFT's ``_prepare_prompt_learning_config``)."""
+        if self.num_virtual_tokens is None:
+            raise ConfigError(f"{type(self).__name__}: num_virtual_tokens is required to apply the adapter to a model "
+                              "(got None)", "num_virtual_tokens", None)
         config = _text_config_dict(model_config)
         if self.num_layers is None:
             self.num_layers = _first_key(config, ("num_hidden_layers", "num_layers", "n_layer"), "num_layers",

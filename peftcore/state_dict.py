@@ -31,6 +31,24 @@ def _adapter_config(model, adapter_name: str):
     return configs[adapter_name]
 
 
+def _inside_engine_wrapper(model):
+    """The peftcore PeftModel inside ``torch.distributed`` wrappers (FSDP1, DDP: ``.module``), else ``model``."""
+    from peftcore.peft_model import PeftModel
+
+    inner = model
+    while not isinstance(inner, PeftModel) and isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module
+    return inner if isinstance(inner, PeftModel) else model
+
+
+def _without_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cleaned = {}
+    for key, tensor in state_dict.items():
+        key = key.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+        cleaned[key.removeprefix("module.")] = tensor
+    return cleaned
+
+
 def get_peft_model_state_dict(
     model,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -49,6 +67,11 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    inner = _inside_engine_wrapper(model)
+    if inner is not model:  # FSDP1 / DDP around the PeftModel: its own state_dict() gathers the shards
+        if state_dict is None:
+            state_dict = _without_wrapper_prefixes(model.state_dict())
+        model = inner
     config = _adapter_config(model, adapter_name)
     with tensors_from(state_dict):
         return hooks.adapter_state_dict(model=model, config=config, adapter_name=adapter_name)
@@ -70,6 +93,7 @@ def set_peft_model_state_dict(
     ``low_cpu_mem_usage`` is accepted for PEFT's signature: the adapter exists already,
     so there is nothing to allocate lazily.
     """
+    model = _inside_engine_wrapper(model)
     config = _adapter_config(model, adapter_name)
     tensors = dict(peft_model_state_dict)
     if ignore_mismatched_sizes:

@@ -48,4 +48,4 @@ def set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:
 def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     """``(parent, target, target_name)`` for the module at dotted path ``key`` (PEFT's ``_get_submodules``)."""
     parent, name = parent_and_name(model, key)
-    return parent, getattr(parent, name), name
+    return parent, model.get_submodule(key), name  # key "" is the model itself (its own parent, as in PEFT)

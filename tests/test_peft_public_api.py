@@ -324,3 +324,12 @@ def test_peft_saved_adapter_without_task_type_loads_through_peftcore_auto_mappin
     peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp / "from-peft")
     loaded = peftcore.AutoPeftModel.from_pretrained(tmp / "from-peft")
     assert isinstance(loaded, peftcore.PeftModel) and type(loaded.get_base_model()).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("name", ["PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig"])
+def test_prompt_configs_without_num_virtual_tokens_are_made_but_not_applied(name):
+    for lib in (peftcore, peft):
+        getattr(lib, name)(task_type="CAUSAL_LM")  # PEFT accepts the config; it may be completed later
+    config = getattr(peftcore, name)(task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=f"{name}: num_virtual_tokens is required to apply"):
+        peftcore.get_peft_model(tiny_model("llama")[0], config)

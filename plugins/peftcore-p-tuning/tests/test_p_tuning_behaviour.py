@@ -120,7 +120,6 @@ def test_mlp_ignores_encoder_num_layers_with_a_warning():
         (dict(encoder_num_layers=0), "encoder_num_layers"),
         (dict(encoder_dropout=1.0), "encoder_dropout"),
         (dict(encoder_hidden_size=-2), "encoder_hidden_size"),
-        (dict(num_virtual_tokens=None), "num_virtual_tokens is required"),
     ],
 )
 def test_bad_config_values_raise_at_construction(kwargs, message):

@@ -207,7 +207,6 @@ def test_zero_init_starts_as_a_zero_prefix():
         (dict(init_weights="ones"), "init_weights"),
         (dict(encoder_hidden_size=0), "encoder_hidden_size"),
         (dict(num_layers=-1), "num_layers"),
-        (dict(num_virtual_tokens=None), "num_virtual_tokens is required"),
     ],
 )
 def test_bad_config_values_raise_at_construction(kwargs, message):

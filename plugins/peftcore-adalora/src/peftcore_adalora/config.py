@@ -153,7 +153,8 @@ class AdaLoraConfig(LayerConfig):
         check_left_off(self, UNSUPPORTED_WHEN_SET, "AdaLoRA")
         if self.r != 8:
             warnings.warn(
-                "AdaLoraConfig: r is not used by AdaLoRA and is ignored; set the initial rank with init_r", stacklevel=3
+                "AdaLoraConfig: Note that `r` is not used in AdaLora and will be ignored. Set the initial rank with "
+                "init_r", stacklevel=3
             )
         if self.use_rslora or self.alpha_pattern:
             warnings.warn(
@@ -166,8 +167,9 @@ class AdaLoraConfig(LayerConfig):
             )
         if self.tinit >= self.total_step - self.tfinal:
             raise ConfigError(
-                f"AdaLoraConfig: tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no "
-                "budgeting phase (need tinit < total_step - tfinal); decrease tinit/tfinal or increase total_step",
+                f"AdaLoraConfig: The supplied schedule values don't allow for a budgeting phase: tinit={self.tinit}, "
+                f"tfinal={self.tfinal}, total_step={self.total_step} (need tinit < total_step - tfinal); decrease "
+                "tinit/tfinal or increase total_step",
                 "tinit", self.tinit,
             )
         for key, kept in (self.rank_pattern or {}).items():

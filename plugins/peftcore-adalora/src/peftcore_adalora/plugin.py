@@ -89,7 +89,7 @@ def adapter_injected(model, config, adapter_name):
     if len(trainable) > 1:
         model.delete_adapter(adapter_name)  # leave the model as it was before this adapter
         raise ValueError(
-            f"AdaLoRA supports one trainable adapter per model, and {trainable[0]!r} already trains; add "
+            f"AdaLoraModel supports only 1 trainable adapter: {trainable[0]!r} already trains; add "
             f"{adapter_name!r} with inference_mode=True (or load it with is_trainable=False)"
         )
     model.update_and_allocate = partial(allocator.update_and_allocate, model)
