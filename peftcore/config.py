@@ -101,7 +101,8 @@ class PeftConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        write_config(self, save_directory)
+        """Write ``adapter_config.json`` as the config is (``PeftModel.save_pretrained`` writes inference mode)."""
+        write_config(self, save_directory, inference_mode=self.inference_mode)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
                     private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
@@ -123,7 +124,7 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> dict[str, Any]:
-        return read_config_json(path)
+        return _without_runtime_config(read_config_json(path), path)
 
 
 @dataclass
@@ -228,6 +229,7 @@ def config_from_dict(data: dict) -> PeftConfig:
         raise AdapterFileError(f"an adapter config is a JSON object (dict), got {type(data).__name__}")
     if "peft_type" not in data:
         raise AdapterFileError(f"adapter config has no 'peft_type' (keys: {sorted(data)})")
+    data = _without_runtime_config(data, "adapter config")
     if not methods():
         raise AdapterFileError(f"adapter config has peft_type {data['peft_type']!r}. {no_methods_hint()}")
     try:
@@ -235,6 +237,15 @@ def config_from_dict(data: dict) -> PeftConfig:
     except ValueError as exc:
         raise AdapterFileError(str(exc)) from None
     return hooks.config_from_dict(data=dict(data))
+
+
+def _without_runtime_config(data: dict, where: str) -> dict:
+    """PEFT never writes ``runtime_config`` (it describes one process); a file that has one is read without it."""
+    if isinstance(data, dict) and "runtime_config" in data:
+        warnings.warn(f"{where}: the config file contains a `runtime_config` key. This is ignored. Runtime "
+                      "configurations are only valid at runtime.", stacklevel=3)
+        data = {k: v for k, v in data.items() if k != "runtime_config"}
+    return data
 
 
 def get_peft_config(config_dict: dict) -> PeftConfig:
@@ -272,7 +283,6 @@ def read_config_json(path: str | os.PathLike) -> dict:
 def config_from_file(path: str | os.PathLike) -> PeftConfig:
     """``config_from_dict`` on the file at ``path``; its errors and warnings name the file."""
     data = read_config_json(path)
-    data.pop("runtime_config", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -217,6 +217,14 @@ class AdapterLayer(nn.Module):
                 module.requires_grad_(key in adapter_names)
         self._active_adapter = [name for name in adapter_names if name in self.adapter_names]
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Train (or freeze) adapters ``adapter_names`` here, whether active or not (PEFT's method)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.adapter_names):
+            for _, _, _, params in self.adapter_holdings(name):
+                for param in params:
+                    param.requires_grad_(requires_grad)
+
     def enable_adapters(self, enabled: bool) -> None:
         if enabled:
             self.set_adapter(self.active_adapters)
@@ -228,7 +236,8 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged; unmerge first")
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                             f"first ({self.location})")
         for attr in self.adapter_layer_names + self.other_param_names:
             holder = getattr(self, attr, None)
             if holder is not None and adapter_name in holder:
@@ -321,6 +330,16 @@ class AdapterLayer(nn.Module):
             item = holder[adapter_name]
             yield attr, holder, item, [item] if isinstance(item, nn.Parameter) else list(item.parameters())
 
+    def empty_adapter(self, adapter_name: str) -> None:
+        """Replace adapter ``adapter_name``'s tensors by meta-device tensors of the same shape and dtype
+        (``low_cpu_mem_usage``: the weights are about to be loaded; ``set_peft_model_state_dict`` assigns them)."""
+        for _, holder, item, _ in self.adapter_holdings(adapter_name):
+            if isinstance(item, nn.Parameter):
+                holder[adapter_name] = nn.Parameter(torch.empty_like(item, device="meta"),
+                                                    requires_grad=item.requires_grad)
+            else:
+                item.to("meta")
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         warnings.warn("_move_adapter_to_device_of_base_layer is now place_adapter (and the core calls it)",
                       DeprecationWarning, stacklevel=2)
@@ -373,6 +392,9 @@ class AdapterLayer(nn.Module):
     def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
         """What merging adds to the base bias; None (the default): nothing."""
         return None
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor | None:  # PEFT's name for delta_weight
+        return self.delta_weight(adapter_name)
 
     # -- combining adapters (the contract peftcore-fusion relies on) ------------------
 

@@ -45,10 +45,20 @@ class LayerTuner(nn.Module):
         self.model = model
         self.peft_config: dict = {}
         self._active_adapter: str | list[str] = adapter_name
+        #: full names of the modules wrapped so far, every adapter's (PEFT's attribute of the same name)
+        self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []  # PEFT's target_parameters; no peftcore method has them
         names = None
         if state_dict is not None:
             names = matching.module_names_in_state_dict(state_dict, method_for_config(config).tensor_prefixes)
         self.inject_adapter(config, adapter_name, module_names=names)
+        if low_cpu_mem_usage:
+            self.empty_adapter(adapter_name)
+
+    def empty_adapter(self, adapter_name: str) -> None:
+        """Adapter ``adapter_name``'s layer tensors on the meta device, to be loaded (PEFT's ``low_cpu_mem_usage``)."""
+        for _, layer in self.adapter_layers():
+            layer.empty_adapter(adapter_name)
 
     @property
     def prefix(self) -> str:
@@ -98,6 +108,7 @@ class LayerTuner(nn.Module):
                              f"set bias to 'none' for all adapters (adapters with bias: {with_bias})")
         hooks.prepare_config(config=config, model=self.model)
         self.peft_config[adapter_name] = config
+        targeted_before = list(self.targeted_module_names)
         try:
             self._wrap_modules_to_save(config, adapter_name)
             self._wrap_targets(method, config, adapter_name, module_names)
@@ -105,6 +116,7 @@ class LayerTuner(nn.Module):
                 fill()
         except BaseException:
             self._remove_partial(adapter_name)
+            self.targeted_module_names[:] = targeted_before
             raise
         self._freeze_all_but_adapters(new_adapter=adapter_name)
         hooks.adapter_injected(model=self, config=config, adapter_name=adapter_name)
@@ -137,6 +149,8 @@ class LayerTuner(nn.Module):
             if not by_config:
                 continue
             matched += 1
+            if key not in self.targeted_module_names:
+                self.targeted_module_names.append(key)
             if isinstance(target, AdapterLayer) and target.peft_type not in method.builds_on:
                 own_layer = _own_layer(target, method, key)
                 own_layer.create_adapter(adapter_name, config, module_name=key)
@@ -266,6 +280,15 @@ class LayerTuner(nn.Module):
             for name in names:
                 self._freeze_adapter(name)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Train (or freeze) the named adapters' tensors everywhere, active or not (PEFT's method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]} does not exist (adapters: {sorted(self.peft_config)})")
+        for _, module in self.adapter_layers() + self.saved_module_wrappers():
+            module.set_requires_grad(names, requires_grad)
+
     def _set_adapter_layers(self, enabled: bool) -> None:
         for _, module in self.adapter_layers() + self.saved_module_wrappers():
             module.enable_adapters(enabled)
@@ -311,8 +334,8 @@ class LayerTuner(nn.Module):
         merged_in = [key for key, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
         if merged_in:  # checked before anything is deleted
             raise ValueError(
-                f"Cannot delete adapter {adapter_name!r} while it is merged (into {merged_in[0]}, ...); "
-                "unmerge_adapter() first"
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first "
+                f"(unmerge_adapter(); merged into {merged_in[0]}, ...)"
             )
         was_active = adapter_name in self.active_adapters
         del self.peft_config[adapter_name]

@@ -88,4 +88,6 @@ def inject_adapter_in_model(
                          "methods change the model's inputs, not its layers; use get_peft_model")
     tuner = _tuner_class(method)(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                                  state_dict=state_dict)
+    # PEFT's low-level API: get/set_peft_model_state_dict(model) find the adapter's config here
+    model.peft_config = {**getattr(model, "peft_config", {}), **tuner.peft_config}
     return tuner.model

@@ -7,6 +7,7 @@ methods (``default_target_modules``): the core has no table of its own.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Callable
 
@@ -118,7 +119,8 @@ def resolve_targets(config, model: nn.Module, default_targets: Callable[[str | N
         targets = default_targets(model_type)
         if targets is None:
             raise ValueError(
-                f"{type(config).__name__}: target_modules is None and no installed plugin has a default for "
+                f"Please specify `target_modules` in `peft_config`: {type(config).__name__}.target_modules is None "
+                "and no installed plugin has a default for "
                 f"model_type {model_type!r}; pass target_modules explicitly, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
             )
         config.target_modules = targets if isinstance(targets, str) else set(targets)
@@ -151,7 +153,18 @@ def describe_no_match(config, model: nn.Module) -> str:
         extra = f" with layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r}"
     if getattr(config, "exclude_modules", None):
         extra += f" after exclude_modules={config.exclude_modules!r}"
-    return (
-        f"Target modules {shown!r}{extra} matched no module of {type(model).__name__} "
-        f"({len(names)} modules). Some module names: {sample}"
-    )
+    details = f"matched no module of {type(model).__name__} ({len(names)} modules). Some module names: {sample}"
+    unfiltered = copy.copy(config)
+    unfiltered.exclude_modules, unfiltered.modules_to_save = None, None
+    held_back = [name for name in names if matches_target(unfiltered, name)]
+    # PEFT's wording for each case first; "all excluded" in PEFT's sense: every module was targeted and excluded
+    if held_back and len(held_back) == len(names) and all(is_excluded(config, name) for name in held_back):
+        return ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
+                f"`exclude_modules` and `modules_to_save` configuration: target modules {shown!r}{extra} {details}")
+    if held_back:
+        return ("No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
+                "modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                "configuration. You may also have only targeted modules that are marked to be saved "
+                f"(`modules_to_save`): {held_back[:4]} match target_modules but are excluded or in modules_to_save")
+    return (f"Target modules {targets} not found in the base model. Please check the target modules and try again: "
+            f"target modules {shown!r}{extra} {details}")

@@ -35,6 +35,13 @@ class ModulesToSaveWrapper(nn.Module):
         return self._active_adapter
 
     @property
+    def active_adapters(self) -> list[str]:  # PEFT's spelling, shared with the adapter layers
+        return [] if self._active_adapter is None else [self._active_adapter]
+
+    #: PEFT's name for the per-adapter holders (code that walks wrappers and layers alike reads it)
+    adapter_layer_names = ("modules_to_save",)
+
+    @property
     def active_module(self) -> nn.Module:
         if self._disable_adapters or self._active_adapter not in self.modules_to_save:
             return self.original_module
@@ -55,6 +62,11 @@ class ModulesToSaveWrapper(nn.Module):
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == adapter_name)
         self._active_adapter = adapter_name
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.modules_to_save):
+            self.modules_to_save[name].requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled

@@ -238,6 +238,13 @@ class PeftModel(nn.Module):
         else:
             self._activate_model_adapter(names[0], inference_mode=inference_mode)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Train (or freeze) the named adapters, active or not; not for prompt learning (as in PEFT)."""
+        if not self._uses_layers:
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{self.active_peft_config.peft_type}.")
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         if self._uses_layers:
             self.base_model.delete_adapter(adapter_name)

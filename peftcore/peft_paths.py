@@ -12,6 +12,23 @@ from __future__ import annotations
 
 import importlib
 
+
+class NoCounterpart:
+    """Stands for a PEFT class peftcore has no counterpart of: no peftcore object is an instance of it (so
+    ``isinstance`` checks answer as they should), and making one is refused."""
+
+    def __new__(cls, *args, **kwargs):
+        raise TypeError(f"{cls.__name__}: peftcore has no counterpart of this PEFT class (see docs/compatibility.md)")
+
+
+class TrainableTokensWrapper(NoCounterpart):
+    """PEFT's wrapper for ``trainable_token_indices``, which peftcore-lora does not claim."""
+
+
+class BufferDict(NoCounterpart):
+    """PEFT's dict of buffers (VeRA, ...); no peftcore method keeps buffers per adapter."""
+
+
 # PEFT path -> peftcore path ("module:attribute"; a plugin's names resolve through the ``peftcore`` package)
 PEFT_PATHS: dict[str, str] = {
     "peft.tuners.tuners_utils.BaseTunerLayer": "peftcore:AdapterLayer",
@@ -71,6 +88,9 @@ PEFT_PATHS: dict[str, str] = {
     "peft.tuners.adalora.layer.SVDLinear": "peftcore_adalora:SVDLinear",
     "peft.tuners.adalora.RankAllocator": "peftcore_adalora:RankAllocator",
     "peft.tuners.adalora.layer.RankAllocator": "peftcore_adalora:RankAllocator",
+    "peft.utils.TrainableTokensWrapper": "peftcore.peft_paths:TrainableTokensWrapper",
+    "peft.utils.other.TrainableTokensWrapper": "peftcore.peft_paths:TrainableTokensWrapper",
+    "peft.tuners._buffer_dict.BufferDict": "peftcore.peft_paths:BufferDict",
 }
 
 

@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from peftcore import distributed
 from peftcore.adapter_folder import Writer, text_writer, write_files
@@ -249,7 +250,12 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but {by_disk_name[name]} in the model has "
                 f"{distributed.whole_shape(target)} (different r, base model or config?)"
             )
-    distributed.copy_into([(target, tensor) for target, tensor, _ in pairs])  # each rank keeps its own shard
+    empty = [(by_disk_name[name], target, tensor) for target, tensor, name in pairs if target.is_meta]
+    for key, target, tensor in empty:  # low_cpu_mem_usage left these on the meta device: take the loaded tensor
+        owner, _, attr = key.rpartition(".")
+        loaded = nn.Parameter(tensor.to(target.dtype), requires_grad=target.requires_grad)
+        setattr(model.get_submodule(owner), attr, loaded)
+    distributed.copy_into([(target, tensor) for target, tensor, _ in pairs if not target.is_meta])
     return missing, unexpected
 
 

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
+from peftcore.config import PeftConfig
 from peftcore.plugins import hooks
 from peftcore.serialization import load_weights, tensors_from
 
@@ -23,9 +24,11 @@ from peftcore.serialization import load_weights, tensors_from
 def _adapter_config(model, adapter_name: str):
     from peftcore.peft_model import PeftModel
 
-    if not isinstance(model, PeftModel):  # peft's own PeftModel included: its layers are not peftcore's
-        raise TypeError(f"expected a peftcore PeftModel, got {type(model).__module__}.{type(model).__name__}")
-    configs = model.peft_config
+    configs = getattr(model, "peft_config", None)
+    injected = isinstance(configs, dict) and all(isinstance(c, PeftConfig) for c in configs.values())
+    if not isinstance(model, PeftModel) and not injected:  # peft's own models included: their layers are not ours
+        raise TypeError(f"expected a peftcore PeftModel or a model given to inject_adapter_in_model, got "
+                        f"{type(model).__module__}.{type(model).__name__}")
     if adapter_name not in configs:
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {sorted(configs)}")
     return configs[adapter_name]

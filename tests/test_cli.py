@@ -510,7 +510,7 @@ def test_merge_an_adapter_without_task_type_uses_the_base_models_own_class(llama
         torch.testing.assert_close(merged(ids).logits, theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
     wrong = _bert_folder(tmp_path, 16, "other-bert")
     assert_user_error(run("merge", tmp_path / "peft", "--model", wrong, "--out", tmp_path / "m2"),
-                      "Target modules ['q_proj', 'v_proj'] matched no module of BertForSequenceClassification")
+                      "target modules ['q_proj', 'v_proj'] matched no module of BertForSequenceClassification")
 
 
 

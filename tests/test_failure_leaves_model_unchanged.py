@@ -182,7 +182,7 @@ def test_a_failed_delete_adapter_changes_nothing(state):
     with pytest.raises(ValueError, match="does not exist"):
         model.delete_adapter("missing")
     if "merged" in state:
-        with pytest.raises(ValueError, match="while it is merged"):
+        with pytest.raises(ValueError, match="while they are merged"):
             model.delete_adapter("default")
     assert_unchanged(before, record(model, inputs))
 

@@ -75,7 +75,7 @@ def test_a_config_no_plugin_has_defaults_for_fails_clearly():
     """The core has no default targets of its own: LoRA's table belongs to peftcore-lora."""
     model, _ = tiny_model("llama")
     config = LayerConfig()
-    with pytest.raises(ValueError, match="LayerConfig: target_modules is None and no installed plugin has a default "
+    with pytest.raises(ValueError, match="LayerConfig.target_modules is None and no installed plugin has a default "
                                          "for model_type 'llama'"):
         resolve_targets(config, model, _no_defaults)
     assert config.target_modules is None
@@ -105,3 +105,23 @@ def test_no_match_message_names_targets_and_shows_module_names():
     model, _ = tiny_model("llama")
     message = describe_no_match(LayerConfig(target_modules=["query"]), model)
     assert "['query']" in message and "model.embed_tokens" in message
+
+
+@pytest.mark.parametrize("kwargs, peft_wording", [
+    (dict(target_modules=["nowhere"]), r"Target modules \{'nowhere'\} not found in the base model"),
+    (dict(target_modules=["q_proj"], exclude_modules=["q_proj"]), "No modules were targeted for adaptation"),
+    (dict(target_modules=".*", exclude_modules=".*"), "All modules were excluded"),
+    (dict(target_modules=["q_proj"], modules_to_save=["q_proj"]), "No modules were targeted for adaptation"),
+])
+def test_no_match_messages_start_with_peft_s_wording_for_each_cause(kwargs, peft_wording):
+    """Scripts match on PEFT's first sentence; peftcore's details (module names) follow it."""
+    import peft
+
+    import peftcore
+
+    for lib in (peftcore, peft):
+        model, _ = tiny_model("llama")
+        with pytest.raises(ValueError, match=peft_wording) as caught:
+            lib.get_peft_model(model, lib.LoraConfig(**kwargs))
+        if lib is peftcore:
+            assert "q_proj" in str(caught.value) or "embed_tokens" in str(caught.value)  # names modules

@@ -235,6 +235,46 @@ def test_inject_adapter_in_model_from_state_dict_keys():
         assert any("lin0" in str(w.message) and "lin1" in str(w.message) for w in caught)
 
 
+def test_low_level_state_dict_round_trip_on_an_injected_model_equals_peft():
+    """PEFT's low-level API: inject, then get/set_peft_model_state_dict on the model itself (no PeftModel)."""
+    keys, outputs = {}, {}
+    for lib in (peftcore, peft):
+        torch.manual_seed(0)
+        config = lib.LoraConfig(target_modules=["lin0"], modules_to_save=["head"], init_lora_weights=False)
+        source = lib.inject_adapter_in_model(config, MLP())
+        state = lib.get_peft_model_state_dict(source)
+        keys[lib] = sorted(state)
+        torch.manual_seed(0)
+        target = lib.inject_adapter_in_model(config, MLP(), low_cpu_mem_usage=True)
+        assert "meta" in {p.device.type for p in target.parameters()}  # PEFT's test of low_cpu_mem_usage
+        result = lib.set_peft_model_state_dict(target, state, low_cpu_mem_usage=True)
+        assert not [k for k in result.unexpected_keys]
+        assert {p.device.type for p in target.parameters()} == {"cpu"}
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+        outputs[lib] = sorted(n for n, p in target.named_parameters() if p.requires_grad)
+    assert keys[peftcore] == keys[peft] == ["head.bias", "head.weight", "lin0.lora_A.weight", "lin0.lora_B.weight"]
+    assert outputs[peftcore] == outputs[peft]
+
+
+def test_targeted_module_names_like_peft():
+    models = both(MLP, lambda lib: lib.LoraConfig(target_modules=["lin0", "head"]))
+    assert models[peftcore].base_model.targeted_module_names == models[peft].base_model.targeted_module_names
+    assert models[peftcore].base_model.targeted_module_names == ["lin0", "head"]
+    with pytest.raises(ValueError):
+        models[peftcore].add_adapter("bad", peftcore.LoraConfig(target_modules=["lin0"], r=0))
+    with pytest.raises(ValueError):  # nothing matched: the failed adapter leaves no names behind
+        models[peftcore].add_adapter("none", peftcore.LoraConfig(target_modules=["nothing"]))
+    assert models[peftcore].base_model.targeted_module_names == ["lin0", "head"]
+
+
+def test_deleting_a_merged_adapter_is_refused_with_peft_s_wording():
+    for lib, model in both(MLP, lora_mlp).items():
+        model.merge_adapter()
+        with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['default'\] while they are merged"):
+            model.delete_adapter("default")
+
+
 def test_inject_adapter_in_model_refuses_prompt_learning():
     for lib in (peftcore, peft):
         with pytest.raises(ValueError, match="prompt"):
@@ -270,6 +310,18 @@ def test_lora_runtime_config_is_accepted_and_never_saved(tmp_path):
     assert peftcore.LoraConfig.from_pretrained(tmp_path).runtime_config == peftcore.LoraRuntimeConfig()
     with pytest.raises(ValueError, match="ephemeral_gpu_offload"):
         peftcore.LoraRuntimeConfig(ephemeral_gpu_offload="yes")
+
+
+def test_a_runtime_config_in_a_file_is_ignored_with_peft_s_warning(tmp_path):
+    for lib in (peftcore, peft):
+        lib.LoraConfig(target_modules=["lin0"]).save_pretrained(tmp_path / lib.__name__)
+        path = tmp_path / lib.__name__ / "adapter_config.json"
+        written = json.loads(path.read_text())
+        assert written["inference_mode"] is False  # PeftConfig.save_pretrained writes the config as it is
+        path.write_text(json.dumps({**written, "runtime_config": {"ephemeral_gpu_offload": True}}))
+        with pytest.warns(UserWarning, match="contains a `runtime_config` key. This is ignored"):
+            read = lib.LoraConfig.from_pretrained(tmp_path / lib.__name__)
+        assert read.runtime_config.ephemeral_gpu_offload is False
 
 
 # -- AutoPeftModel ----------------------------------------------------------------------------------------------
@@ -333,3 +385,35 @@ def test_prompt_configs_without_num_virtual_tokens_are_made_but_not_applied(name
     config = getattr(peftcore, name)(task_type="CAUSAL_LM")
     with pytest.raises(ValueError, match=f"{name}: num_virtual_tokens is required to apply"):
         peftcore.get_peft_model(tiny_model("llama")[0], config)
+
+
+# -- requires_grad and layer helpers ----------------------------------------------------------------------------
+
+
+def test_set_requires_grad_on_inactive_adapters_like_peft():
+    trainable = {}
+    for lib, model in both(MLP, lora_mlp).items():
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["head"]))
+        model.set_requires_grad("other")  # "other" is not active: PEFT trains it anyway
+        trainable[lib] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        model.set_requires_grad(["default", "other"], requires_grad=False)
+        assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable[peftcore] == trainable[peft]
+    assert "base_model.model.lin0.lora_A.other.weight" in trainable[peftcore]
+    assert "base_model.model.head.modules_to_save.other.weight" in trainable[peftcore]
+    with pytest.raises(ValueError, match="Adapter missing does not exist"):
+        both(MLP, lora_mlp)[peftcore].set_requires_grad("missing")
+    prompt = peftcore.get_peft_model(tiny_model("llama")[0], peftcore.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(TypeError, match="not supported for prompt learning"):
+        prompt.set_requires_grad("default")
+
+
+def test_get_delta_weight_is_the_merge_delta_as_in_peft():
+    models = both(MLP, lambda lib: lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    layer = models[peftcore].base_model.model.lin0
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = B @ A * layer.scaling["default"]  # float64 reference: LoRA's delta is s * B A
+    torch.testing.assert_close(layer.get_delta_weight("default").double(), expected)
+    saved = peftcore.get_peft_model(MLP(), lora_mlp(peftcore)).base_model.model.head
+    assert saved.active_adapters == ["default"] and saved.adapter_layer_names == ("modules_to_save",)

@@ -379,7 +379,7 @@ def test_a_method_without_default_targets_fails_clearly_instead_of_getting_lora_
     plugin = NoTablePlugin()
     register_plugin(plugin, name="notable")
     try:
-        with pytest.raises(ValueError, match="NoTableConfig: target_modules is None and no installed plugin has a "
+        with pytest.raises(ValueError, match="NoTableConfig.target_modules is None and no installed plugin has a "
                                              "default for model_type 'llama'"):
             get_peft_model(tiny_model("llama")[0], NoTableConfig())
         assert NoTablePlugin.prepared == ["LlamaForCausalLM"]  # the method's prepare_config ran before the core's

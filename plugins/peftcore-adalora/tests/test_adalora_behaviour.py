@@ -297,7 +297,7 @@ def test_r_is_ignored_with_a_warning_as_in_peft():
 def test_unknown_architecture_needs_target_modules():
     with pytest.raises(
         ValueError,
-        match="AdaLoraConfig: target_modules is None and no installed plugin has a default for model_type None",
+        match="AdaLoraConfig.target_modules is None and no installed plugin has a default for model_type None",
     ):
         get_peft_model(nn.Sequential(nn.Linear(3, 3)), AdaLoraConfig(total_step=10))
 

@@ -186,7 +186,7 @@ def test_feedforward_modules_must_be_a_subset_of_target_modules():
 
 def test_a_model_without_defaults_needs_explicit_targets_and_feedforward_modules():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="IA3Config: target_modules is None and no installed plugin has a default"):
+    with pytest.raises(ValueError, match="IA3Config.target_modules is None and no installed plugin has a default"):
         get_peft_model(copy.deepcopy(model), IA3Config())
     with pytest.raises(ValueError, match="feedforward_modules is None"):
         get_peft_model(copy.deepcopy(model), IA3Config(target_modules=["0"]))

@@ -291,7 +291,8 @@ def test_unsupported_target_type_names_module_and_type():
 
 def test_no_match_names_targets(llama):
     base, _ = llama
-    with pytest.raises(ValueError, match=r"Target modules \['query'\].*matched no module"):
+    with pytest.raises(ValueError, match=r"Target modules \{'query'\} not found in the base model.*"
+                                         r"target modules \['query'\] matched no module"):
         get_peft_model(base, LoraConfig(target_modules=["query"]))
 
 
