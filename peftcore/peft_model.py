@@ -39,6 +39,7 @@ from peftcore.modules_to_save import (
 )
 from peftcore.plugins import hooks, method_for_config
 from peftcore.preparation import checkpointing_on, offload_checkpointed_inputs, require_input_grads
+from peftcore.prompt_learning import generation_expand_size
 from peftcore.quantized import is_quantized_model
 from peftcore.rollback import Bookkeeping, Trainability, unchanged_on_failure
 from peftcore.walking import walk_modules
@@ -353,8 +354,11 @@ class PeftModel(nn.Module):
     # -- running -------------------------------------------------------------------------
 
     @contextmanager
-    def _mixed_batch(self, adapter_names: list[str] | None):
-        """Route each batch row to its own adapter for the duration of one call."""
+    def _mixed_batch(self, adapter_names: list[str] | None, rows_per_input: int = 1):
+        """Route each batch row to its own adapter for the duration of one call.
+
+        ``generate`` repeats each input row ``rows_per_input`` times (beams, returned sequences): the decoder sees
+        each name repeated as often, an encoder (which runs once on the original rows) the names as given."""
         if adapter_names is None:
             yield
             return
@@ -376,8 +380,14 @@ class PeftModel(nn.Module):
             kwargs["adapter_names"] = names
             return args, kwargs
 
+        given = list(adapter_names)
+        expanded = [name for name in given for _ in range(rows_per_input)]
+        encoder = self._encoder_of_encoder_decoder() if rows_per_input > 1 else None
+        in_encoder = set() if encoder is None else {id(m) for m in encoder.modules()}
         handles = [
-            m.register_forward_pre_hook(partial(inject, names=list(adapter_names)), with_kwargs=True) for m in layers
+            m.register_forward_pre_hook(partial(inject, names=given if id(m) in in_encoder else expanded),
+                                        with_kwargs=True)
+            for m in layers
         ]
         try:
             yield
@@ -417,10 +427,17 @@ class PeftModel(nn.Module):
                 return self.base_model(*args, **kwargs)
             return run(lambda call_kwargs: self.base_model(*args, **call_kwargs), kwargs, adapter_names is not None)
 
+    def _encoder_of_encoder_decoder(self) -> nn.Module | None:
+        base = self.get_base_model()
+        if not getattr(getattr(base, "config", None), "is_encoder_decoder", False) or not hasattr(base, "get_encoder"):
+            return None
+        return base.get_encoder()
+
     def generate(self, *args, **kwargs):
         adapter_names = kwargs.pop("adapter_names", None)
         args, kwargs = self._prepare_model_kwargs(kwargs, generating=True, args=args)
-        with self._mixed_batch(adapter_names):
+        rows = 1 if adapter_names is None else generation_expand_size(self.get_base_model(), kwargs)
+        with self._mixed_batch(adapter_names, rows_per_input=rows):
             return self.get_base_model().generate(*args, **kwargs)
 
     # -- files ---------------------------------------------------------------------------

@@ -169,6 +169,34 @@ def test_mixed_batch_rows_equal_single_adapter_runs(llama):
         torch.testing.assert_close(mixed[row], singles[name][row], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("expand", [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2)])
+def test_mixed_batch_generate_with_beams_equals_each_adapter_alone(arch, expand):
+    """generate repeats each row per beam / returned sequence: the names follow (the encoder sees them as given)."""
+    torch.manual_seed(0)
+    base, inputs = tiny_model(arch)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q", "v"] if arch == "t5" else None)).eval()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q", "v"] if arch == "t5" else None))
+    _nonzero_b(model)
+    ids = torch.cat([inputs["input_ids"][:1]] * 3)
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, **expand)
+    if arch == "t5":
+        kwargs["decoder_start_token_id"] = 0
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **kwargs)
+        alone = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            alone[name] = model.generate(input_ids=ids, **kwargs)
+        with model.disable_adapter():
+            alone["__base__"] = model.generate(input_ids=ids, **kwargs)
+    per_input = mixed.shape[0] // len(names)
+    for row, name in enumerate(names):
+        rows = slice(row * per_input, (row + 1) * per_input)
+        torch.testing.assert_close(mixed[rows], alone[name][rows])
+
+
 def test_mixed_batch_errors_are_clear(llama):
     base, inputs = llama
     model = get_peft_model(base, LoraConfig(r=4)).eval()
