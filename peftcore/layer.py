@@ -74,10 +74,17 @@ def linear_features(base_layer: nn.Module, config, module_name: str = "") -> tup
     return base_layer.in_features, base_layer.out_features
 
 
+def check_adapter_names_length(adapter_names: list[str], batch_size: int) -> None:
+    """A mixed batch names one adapter per row (PEFT's message first, for scripts that match it)."""
+    if len(adapter_names) != batch_size:
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(adapter_names)} and {batch_size} respectively (adapter_names has {len(adapter_names)} "
+                         f"entries but the batch has {batch_size} rows)")
+
+
 def rows_by_adapter(adapter_names: list[str], batch_size: int) -> dict[str, list[int]]:
     """Batch rows grouped by the adapter named for each (mixed-adapter batches)."""
-    if len(adapter_names) != batch_size:
-        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch_size} rows")
+    check_adapter_names_length(adapter_names, batch_size)
     groups: dict[str, list[int]] = {}
     for row, name in enumerate(adapter_names):
         groups.setdefault(name, []).append(row)

@@ -188,7 +188,7 @@ class LayerTuner(nn.Module):
             return
         wrap_modules_to_save(self.model, names, adapter_name, modules=walk_modules(self.model))
         for _, wrapper in self.saved_module_wrappers():
-            wrapper.set_adapter(self._first_active())
+            wrapper.set_adapter(self.active_adapters)
 
     def _remove_partial(self, adapter_name: str) -> None:
         """Undo a failed injection so no half-registered adapter stays behind."""
@@ -243,7 +243,7 @@ class LayerTuner(nn.Module):
                 if holder is not None and new_adapter in holder:
                     holder[new_adapter].requires_grad_(new_adapter in present)
         for wrapper in saved:
-            wrapper.set_adapter(self._first_active())
+            wrapper.set_adapter(self.active_adapters)
 
     # -- activation --------------------------------------------------------------
 
@@ -264,10 +264,11 @@ class LayerTuner(nn.Module):
         if unknown:
             raise ValueError(f"Unknown adapter(s) {unknown}; existing adapters: {sorted(self.peft_config)}")
         wrappers = self.saved_module_wrappers()
-        if len(names) > 1 and wrappers:  # checked before any layer switches
-            raise ValueError(
-                f"Cannot activate {names} together: modules_to_save ({wrappers[0][0]}, ...) holds one active copy"
-            )
+        for key, wrapper in wrappers:  # checked before any layer switches
+            try:
+                wrapper.adapter_to_activate(names)
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({key})") from None
         for _, layer in self.adapter_layers():
             if layer.merged:
                 warnings.warn("Adapters were merged; unmerging before switching the active adapter")

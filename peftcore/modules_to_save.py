@@ -53,12 +53,19 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module.requires_grad_(False)
         self.modules_to_save[adapter_name].requires_grad_(adapter_name == self._active_adapter)
 
+    def adapter_to_activate(self, adapter_names: str | list[str] | None) -> str | None:
+        """Which of ``adapter_names`` this wrapper runs: the one it holds a copy for (PEFT's rule: several active
+        adapters may share a model, not a wrapper); None when it holds none of them."""
+        if adapter_names is None or isinstance(adapter_names, str):
+            return adapter_names
+        held = [name for name in adapter_names if name in self.modules_to_save]
+        if len(held) > 1:
+            raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {len(held)}: "
+                             f"{held} each have a copy of this module")
+        return held[0] if held else None
+
     def set_adapter(self, adapter_name: str | list[str] | None) -> None:
-        if isinstance(adapter_name, (list, tuple)):
-            if len(adapter_name) > 1:
-                raise ValueError(f"Only one adapter can be set at a time for ModulesToSaveWrapper (modules_to_save), "
-                                 f"got {adapter_name}")
-            adapter_name = adapter_name[0] if adapter_name else None
+        adapter_name = self.adapter_to_activate(adapter_name)
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == adapter_name)
         self._active_adapter = adapter_name

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from peftcore import hub, lm_loss, member_adapters, serialization, status
+from peftcore import embedding_layers, hub, lm_loss, member_adapters, serialization, status
 from peftcore.activation_savings import recomputing_activations
 from peftcore.adapter_folder import adapter_subfolder
 from peftcore.adapter_names import check_adapter_name
@@ -365,16 +365,19 @@ class PeftModel(nn.Module):
         if not self._uses_layers:
             raise ValueError("adapter_names (mixed batches) works with layer methods such as LoRA, not prompt methods")
         if self.training:
-            raise ValueError("adapter_names (mixed batches) is for inference; call model.eval() first")
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode: mixed batches are for "
+                             "inference; call model.eval() first")
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; existing: {sorted(self.peft_config)}")
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} (adapter_names has "
+                             f"unknown adapters {unknown}; existing: {sorted(self.peft_config)})")
         # walk_modules skips the per-adapter sub-modules: this runs on every mixed-batch call
         layers = [
             m for _, m in walk_modules(self.get_base_model()) if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
         ]
         if any(isinstance(m, AdapterLayer) and m.merged for m in layers):
-            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
 
         def inject(module, args, kwargs, names):
             kwargs["adapter_names"] = names
@@ -449,6 +452,7 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         is_main_process: bool = True,
         state_dict: dict | None = None,
+        save_embedding_layers: str | bool = "auto",
         **kwargs,
     ) -> None:
         """Write PEFT's files: ``default`` at the top, other adapters in sub-folders.
@@ -457,6 +461,8 @@ class PeftModel(nn.Module):
         shards are gathered (a collective) and only ``is_main_process`` writes. ``state_dict``
         (PEFT's argument) is a whole model state dict gathered by the engine, e.g.
         ``accelerator.get_state_dict(model)``; the adapters are then written from it.
+        ``save_embedding_layers`` (True, False, "auto": when embeddings are targeted or the vocabulary was
+        resized) writes the base model's embedding weights too, as PEFT does; loading puts them back.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
@@ -474,6 +480,8 @@ class PeftModel(nn.Module):
                 config.base_model_name_or_path = _base_name(self)
             with serialization.tensors_from(state_dict):  # every rank: gathering shards is collective
                 tensors = hooks.adapter_state_dict(model=self, config=config, adapter_name=name)
+                if embedding_layers.should_save_embeddings(self.get_base_model(), config, save_embedding_layers):
+                    tensors.update(embedding_layers.embedding_tensors(self, config, state_dict))
             if not is_main_process:
                 continue
             serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftcore import distributed
+from peftcore import distributed, embedding_layers
 from peftcore.adapter_folder import Writer, text_writer, write_files
 from peftcore.config import PeftConfig, config_json
 from peftcore.files import (
@@ -241,6 +241,8 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
         if name is not None:
             by_disk_name[name] = key
     unexpected = [k for k in state_dict if k not in by_disk_name]
+    base_embeddings = embedding_layers.embedding_tensor_names(model, unexpected)  # save_embedding_layers wrote them
+    unexpected = [k for k in unexpected if k not in base_embeddings]
     missing = [k for k in by_disk_name if k not in state_dict]
     pairs = [(own[by_disk_name[name]], tensor, name) for name, tensor in state_dict.items() if name in by_disk_name]
     for target, tensor, name in pairs:  # check every dtype and shape before touching any weight
@@ -250,6 +252,7 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but {by_disk_name[name]} in the model has "
                 f"{distributed.whole_shape(target)} (different r, base model or config?)"
             )
+    embedding_layers.load_embedding_tensors(model, {k: state_dict[k] for k in base_embeddings})  # checks, then copies
     empty = [(by_disk_name[name], target, tensor) for target, tensor, name in pairs if target.is_meta]
     for key, target, tensor in empty:  # low_cpu_mem_usage left these on the meta device: take the loaded tensor
         owner, _, attr = key.rpartition(".")

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
+from peftcore import embedding_layers
 from peftcore.config import PeftConfig
 from peftcore.plugins import hooks
 from peftcore.serialization import load_weights, tensors_from
@@ -65,8 +66,8 @@ def get_peft_model_state_dict(
     DeepSpeed) the tensors are read from it and the live parameters are not touched, so
     this may run on the main process alone; without it, sharded parameters (FSDP2,
     ZeRO-3) are gathered, which every rank must join. ``unwrap_compiled`` unwraps a
-    ``torch.compile`` wrapper; ``save_embedding_layers`` is accepted for PEFT's
-    signature: peftcore never adds embedding layers on its own.
+    ``torch.compile`` wrapper; ``save_embedding_layers`` (True, False, "auto": when embeddings are targeted or
+    the vocabulary was resized) adds the base model's embedding weights, as PEFT does.
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
@@ -77,7 +78,11 @@ def get_peft_model_state_dict(
         model = inner
     config = _adapter_config(model, adapter_name)
     with tensors_from(state_dict):
-        return hooks.adapter_state_dict(model=model, config=config, adapter_name=adapter_name)
+        tensors = hooks.adapter_state_dict(model=model, config=config, adapter_name=adapter_name)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if embedding_layers.should_save_embeddings(base, config, save_embedding_layers):
+        tensors.update(embedding_layers.embedding_tensors(model, config, state_dict))
+    return tensors
 
 
 def set_peft_model_state_dict(

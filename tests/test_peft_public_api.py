@@ -417,3 +417,17 @@ def test_get_delta_weight_is_the_merge_delta_as_in_peft():
     torch.testing.assert_close(layer.get_delta_weight("default").double(), expected)
     saved = peftcore.get_peft_model(MLP(), lora_mlp(peftcore)).base_model.model.head
     assert saved.active_adapters == ["default"] and saved.adapter_layer_names == ("modules_to_save",)
+
+
+def test_several_active_adapters_may_share_a_model_but_not_a_modules_to_save_wrapper():
+    for lib in (peftcore, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["head"]))
+        model.base_model.set_adapter(["default", "other"])  # each wrapper holds one of them: allowed
+        assert model.base_model.model.lin1.active_adapters == ["default"]
+        assert model.base_model.model.head.active_adapters == ["other"]
+        model.add_adapter("third", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+        with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+            model.base_model.set_adapter(["default", "third"])
+        assert model.base_model.model.lin1.active_adapters == ["default"]  # refused before anything switched

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftcore.layer import BASE_ADAPTER, ScalingAdapterLayer, linear_features, transpose
+from peftcore.layer import BASE_ADAPTER, ScalingAdapterLayer, check_adapter_names_length, linear_features, transpose
 
 
 class IA3Layer(ScalingAdapterLayer):
@@ -91,8 +91,7 @@ class IA3Layer(ScalingAdapterLayer):
 
     def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         """Each row scaled by its own adapter's vector, in one base-layer call."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
+        check_adapter_names_length(adapter_names, x.shape[0])
         known = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER and n in self.ia3_l]
         if not known:
             return self.base_layer(x, *args, **kwargs)
