@@ -244,7 +244,7 @@ class AdapterLayer(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
-                             f"first ({self.location})")
+                             f"first. ({self.location})")
         for attr in self.adapter_layer_names + self.other_param_names:
             holder = getattr(self, attr, None)
             if holder is not None and adapter_name in holder:

@@ -335,8 +335,8 @@ class LayerTuner(nn.Module):
         merged_in = [key for key, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
         if merged_in:  # checked before anything is deleted
             raise ValueError(
-                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first "
-                f"(unmerge_adapter(); merged into {merged_in[0]}, ...)"
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first. "
+                f"(It is merged into {merged_in[0]}, ...: call unmerge_adapter().)"
             )
         was_active = adapter_name in self.active_adapters
         del self.peft_config[adapter_name]

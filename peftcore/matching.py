@@ -161,10 +161,15 @@ def describe_no_match(config, model: nn.Module) -> str:
     if held_back and len(held_back) == len(names) and all(is_excluded(config, name) for name in held_back):
         return ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
                 f"`exclude_modules` and `modules_to_save` configuration: target modules {shown!r}{extra} {details}")
-    if held_back:
+    to_save = getattr(config, "modules_to_save", None) or ()
+    set_aside = [name for name in names
+                 if is_excluded(config, name) or any(name == m or name.endswith(f".{m}") for m in to_save)]
+    if held_back or set_aside:  # PEFT counts modules_to_save and excluded modules alike
+        why = (f"{held_back[:4]} match target_modules but are excluded or in modules_to_save" if held_back else
+               f"target modules {shown!r}{extra} {details}; {set_aside[:4]} are excluded or in modules_to_save")
         return ("No modules were targeted for adaptation. This might be caused by a combination of mismatched target "
                 "modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
-                "configuration. You may also have only targeted modules that are marked to be saved "
-                f"(`modules_to_save`): {held_back[:4]} match target_modules but are excluded or in modules_to_save")
+                f"configuration. You may also have only targeted modules that are marked to be saved "
+                f"(`modules_to_save`): {why}")
     return (f"Target modules {targets} not found in the base model. Please check the target modules and try again: "
             f"target modules {shown!r}{extra} {details}")

@@ -863,7 +863,9 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         )
     if isinstance(model, PeftModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
         warnings.warn(
-            "The model already has adapter layers; use add_adapter/load_adapter on the PeftModel instead", stacklevel=2
+            "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
+            "different config, make sure to call `.unload()` before. (The model already has adapter layers; use "
+            "add_adapter/load_adapter on the PeftModel instead.)", stacklevel=2
         )
     model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
     return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

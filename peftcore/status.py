@@ -113,8 +113,10 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper))
     ]
     if not statuses:
-        raise ValueError(f"get_layer_status(): {type(model).__name__} has no adapter layers; is it a PEFT model, or "
-                         "a model with adapters injected (inject_adapter_in_model)?")
+        raise ValueError("No adapter layers found in the model, please ensure that it's a PEFT model or that you have "
+                         f"PEFT adapters injected in the model. (get_layer_status(): {type(model).__name__} has no "
+                         "adapter layers; is it a PEFT model, or a model with adapters injected "
+                         "(inject_adapter_in_model)?)")
     return statuses
 
 

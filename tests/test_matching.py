@@ -125,3 +125,14 @@ def test_no_match_messages_start_with_peft_s_wording_for_each_cause(kwargs, peft
             lib.get_peft_model(model, lib.LoraConfig(**kwargs))
         if lib is peftcore:
             assert "q_proj" in str(caught.value) or "embed_tokens" in str(caught.value)  # names modules
+
+
+def test_an_adapter_that_only_matches_modules_to_save_is_refused_like_peft():
+    import peft
+
+    import peftcore
+
+    for lib in (peftcore, peft):
+        model = lib.get_peft_model(tiny_model("llama")[0], lib.LoraConfig(target_modules=["q_proj"]))
+        with pytest.raises(ValueError, match="No modules were targeted for adaptation"):
+            model.add_adapter("other", lib.LoraConfig(target_modules=["nowhere"], modules_to_save=["lm_head"]))

@@ -149,6 +149,17 @@ class AdaLoraConfig(LayerConfig):
 
     def __post_init__(self):
         self.peft_type = "ADALORA"
+        # PEFT's sentences for what AdaLoRA refuses, before the generic field checks word them otherwise
+        if self.use_dora is True:
+            raise ConfigError("ADALORA does not support DoRA. (AdaLoraConfig: use_dora must stay False)",
+                              "use_dora", self.use_dora)
+        if self.loftq_config:
+            raise ConfigError("ADALORA does not support LOFTQ. (AdaLoraConfig: loftq_config must stay empty)",
+                              "loftq_config", self.loftq_config)
+        weight = self.orth_reg_weight
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight < 0:
+            raise ConfigError(f"`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                              f"{weight} (AdaLoraConfig: orth_reg_weight)", "orth_reg_weight", weight)
         super().__post_init__()  # types and ranges of every field (peftcore.validation)
         check_left_off(self, UNSUPPORTED_WHEN_SET, "AdaLoRA")
         if self.r != 8:

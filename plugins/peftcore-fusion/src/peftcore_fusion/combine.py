@@ -137,14 +137,17 @@ def _check_option_values(combination_type: str, options: dict) -> None:
 
 def _check_modules_to_save(model, adapters: list[str]) -> None:
     """PEFT's rule: two adapters with their own copy of one module cannot be merged (which copy would win?)."""
-    for key, wrapper in model.saved_module_wrappers():
-        holders = [a for a in adapters if a in wrapper.modules_to_save]
-        if len(holders) > 1:
-            raise ValueError(
-                f"Cannot combine adapters {holders}: each trains its own copy of {key} (modules_to_save), and the "
-                "copies cannot be merged; combine adapters without them (load each with a config whose "
-                "modules_to_save and task_type are None) and attach a head afterwards"
-            )
+    shared = [(key, [a for a in adapters if a in wrapper.modules_to_save])
+              for key, wrapper in model.saved_module_wrappers()]
+    shared = [(key, holders) for key, holders in shared if len(holders) > 1]
+    if shared:
+        key, holders = shared[0]
+        raise ValueError(
+            "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+            f"{len(shared)} such instance(s). (Cannot combine adapters {holders}: each trains its own copy of {key} "
+            "(modules_to_save), and the copies cannot be merged; combine adapters without them (load each with a "
+            "config whose modules_to_save and task_type are None) and attach a head afterwards.)"
+        )
 
 
 # -- low-rank methods ------------------------------------------------------------------

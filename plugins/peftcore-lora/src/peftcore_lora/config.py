@@ -124,7 +124,8 @@ class LoraConfig(LayerConfig):
         self.peft_type = "LORA"
         super().__post_init__()  # types and ranges of every field (peftcore.validation)
         if self.use_dora and self.lora_bias:
-            raise ConfigError("LoraConfig: use_dora and lora_bias cannot be combined", "lora_bias", self.lora_bias)
+            raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False "
+                              "(LoraConfig: use_dora and lora_bias cannot be combined)", "lora_bias", self.lora_bias)
         check_left_off(self, UNSUPPORTED_WHEN_SET, "peftcore-lora")
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})

@@ -192,7 +192,8 @@ class LoraLayer(AdapterLayer):
     def mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         groups = rows_by_adapter(adapter_names, x.shape[0])
         if any(self.use_dora.get(n) for n in groups):
-            raise ValueError("Mixed-adapter batches are not supported with DoRA adapters")
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled. (Mixed-adapter batches are not "
+                             "supported with DoRA adapters.)")
         result = self.base_layer(x, *args, **kwargs)
         if not args and not kwargs and self.fast_path_applies:
             grouped = fast.mixed_batch_delta(self, x, adapter_names, result)  # None: leaves result untouched
@@ -240,7 +241,7 @@ class Embedding(LoraLayer):
 
     def create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         if lora_bias:
-            raise ValueError("lora_bias is not supported for Embedding layers")
+            raise ValueError("lora_bias=True is not supported for Embedding layers")
         base = self.get_base_layer()
         self.lora_embedding_A[adapter_name] = nn.Parameter(base.weight.new_zeros((r, self.in_features)))
         self.lora_embedding_B[adapter_name] = nn.Parameter(base.weight.new_zeros((self.out_features, r)))

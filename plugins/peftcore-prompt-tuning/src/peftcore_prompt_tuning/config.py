@@ -56,11 +56,13 @@ class PromptTuningConfig(PromptLearningConfig):
             ) from None
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.tokenizer_name_or_path:
-                raise ConfigError("PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path",
+                raise ConfigError("When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be None "
+                                  "(PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path)",
                                   "tokenizer_name_or_path", self.tokenizer_name_or_path)
             if self.prompt_tuning_init_text is None:
                 raise ConfigError("PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text",
                                   "prompt_tuning_init_text", None)
         elif self.tokenizer_kwargs:
-            raise ConfigError("PromptTuningConfig: tokenizer_kwargs is only used with prompt_tuning_init='TEXT'",
+            raise ConfigError("tokenizer_kwargs only valid when using prompt_tuning_init='TEXT'. "
+                              "(PromptTuningConfig: tokenizer_kwargs is only used with prompt_tuning_init='TEXT')",
                               "tokenizer_kwargs", self.tokenizer_kwargs)
