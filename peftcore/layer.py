@@ -400,6 +400,11 @@ class AdapterLayer(nn.Module):
         """What merging adds to the base bias; None (the default): nothing."""
         return None
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``convert_to_lora`` can factor this layer's weight change (PEFT's method); layers that add a
+        weight change to a linear base layer answer True."""
+        return False
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor | None:  # PEFT's name for delta_weight
         return self.delta_weight(adapter_name)
 

@@ -281,6 +281,10 @@ class LayerTuner(nn.Module):
             for name in names:
                 self._freeze_adapter(name)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether every adapter layer can be factored into LoRA (``convert_to_lora``), as PEFT asks."""
+        return all(layer.supports_lora_conversion(adapter_name) for _, layer in self.adapter_layers())
+
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Train (or freeze) the named adapters' tensors everywhere, active or not (PEFT's method)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)

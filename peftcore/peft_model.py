@@ -239,6 +239,10 @@ class PeftModel(nn.Module):
         else:
             self._activate_model_adapter(names[0], inference_mode=inference_mode)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``convert_to_lora`` applies (layer methods whose layers all add a weight change)."""
+        return self._uses_layers and self.base_model.supports_lora_conversion(adapter_name)
+
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Train (or freeze) the named adapters, active or not; not for prompt learning (as in PEFT)."""
         if not self._uses_layers:

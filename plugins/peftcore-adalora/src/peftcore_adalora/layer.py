@@ -118,6 +118,9 @@ class SVDLinear(AdaLoraLayer):
         self.fan_in_fan_out = config.fan_in_fan_out
         self.create_adapter(adapter_name, config)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
         return transpose(b @ (a * e), self.fan_in_fan_out) * self.factor(adapter_name)

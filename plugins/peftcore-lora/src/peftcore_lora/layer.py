@@ -223,6 +223,9 @@ class Linear(LoraLayer):
     def make_dora_layer(self, fan_in_fan_out: bool) -> nn.Module:
         return DoraLinearLayer(fan_in_fan_out=fan_in_fan_out)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return not self.lora_bias.get(adapter_name, False)  # DoRA converts (exactly); a bias change cannot
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         compute_dtype = (

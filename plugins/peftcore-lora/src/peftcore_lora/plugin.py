@@ -11,9 +11,10 @@ from peftcore.method import strip_adapter_name
 from peftcore.serialization import tensors_by_module
 
 from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoraConfig, LoraRuntimeConfig, matches_pattern
+from peftcore_lora.conversion import convert_to_lora, save_as_lora
 from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig", "convert_to_lora", "save_as_lora"]
 
 TENSOR_PREFIXES = ("lora_",)
 
