@@ -95,7 +95,8 @@ class PeftConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             warnings.warn(
-                f"{cls.__name__}: ignoring unknown config keys {unknown} (probably written by a newer PEFT/peftcore)",
+                f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. This probably "
+                "means that the config was written by a newer PEFT or peftcore; upgrading is recommended.",
                 stacklevel=2,
             )
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -292,8 +293,8 @@ def config_from_file(path: str | os.PathLike) -> PeftConfig:
             config = config_from_dict(data)
         except (ValueError, TypeError) as exc:  # ConfigError, AdapterFileError, a plugin's own checks
             raise AdapterFileError(f"{path}: {exc}") from None
-    for warning in caught:
-        warnings.warn(f"{path}: {warning.message}", warning.category, stacklevel=3)
+    for warning in caught:  # PEFT's sentence stays first (scripts match on it), the file follows
+        warnings.warn(f"{warning.message} (in {path})", warning.category, stacklevel=3)
     return config
 
 
