@@ -457,6 +457,7 @@ class PeftModel(nn.Module):
         is_main_process: bool = True,
         state_dict: dict | None = None,
         save_embedding_layers: str | bool = "auto",
+        path_initial_model_for_weight_conversion: str | None = None,
         **kwargs,
     ) -> None:
         """Write PEFT's files: ``default`` at the top, other adapters in sub-folders.
@@ -467,6 +468,9 @@ class PeftModel(nn.Module):
         ``accelerator.get_state_dict(model)``; the adapters are then written from it.
         ``save_embedding_layers`` (True, False, "auto": when embeddings are targeted or the vocabulary was
         resized) writes the base model's embedding weights too, as PEFT does; loading puts them back.
+        ``path_initial_model_for_weight_conversion``: the folder of the adapter as initialised (PiSSA, OLoRA),
+        saved before training; the adapter is then written as the plain LoRA adapter that gives the same model
+        on the original base weights (the method's tuner converts it: ``convert_for_initial_model``).
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory")
@@ -488,7 +492,14 @@ class PeftModel(nn.Module):
                     tensors.update(embedding_layers.embedding_tensors(self, config, state_dict))
             if not is_main_process:
                 continue
-            serialization.save_adapter_files(folders[name], tensors, config, safe_serialization=safe_serialization,
+            written = config
+            if path_initial_model_for_weight_conversion is not None:
+                convert = getattr(self.base_model, "convert_for_initial_model", None)
+                if convert is None:
+                    raise ValueError(f"path_initial_model_for_weight_conversion: {config.peft_type} adapters change "
+                                     "no base weights, so there is nothing to convert")
+                tensors, written = convert(config, name, tensors, str(path_initial_model_for_weight_conversion))
+            serialization.save_adapter_files(folders[name], tensors, written, safe_serialization=safe_serialization,
                                              extra_config=self._auto_mapping(config))
         if is_main_process:
             write_model_card(save_directory, card)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peftcore import LayerConfig
 from peftcore.config import united
 from peftcore.validation import DROPOUT, POSITIVE, ConfigError, check_left_off, check_regex
+
+from peftcore_lora.initial_weights import base_moving_init
 
 # Default targets when target_modules is None: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 # (peft 0.21), plus architectures PEFT lacks (distilbert, mbart, phi3, gemma3, vit). A string is a regex.
@@ -127,6 +130,14 @@ class LoraConfig(LayerConfig):
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False "
                               "(LoraConfig: use_dora and lora_bias cannot be combined)", "lora_bias", self.lora_bias)
         check_left_off(self, UNSUPPORTED_WHEN_SET, "peftcore-lora")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and base_moving_init(self):
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights PiSSA/OLoRA means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
+                "base weights; if you intend to do this, please ensure not to use rslora or "
+                "rank_pattern/alpha_pattern.",
+                stacklevel=3)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         for name in ("rank_pattern", "alpha_pattern"):

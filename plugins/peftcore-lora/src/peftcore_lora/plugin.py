@@ -12,6 +12,7 @@ from peftcore.serialization import tensors_by_module
 
 from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoraConfig, LoraRuntimeConfig, matches_pattern
 from peftcore_lora.conversion import convert_to_lora, save_as_lora
+from peftcore_lora.initial_weights import base_moving_init, convert_for_original_base, warn_base_moved
 from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig", "convert_to_lora", "save_as_lora"]
@@ -38,6 +39,18 @@ def lora_disk_key(key: str, adapter_name: str, config: LoraConfig) -> str | None
 class LoraModel(LayerTuner):
     """PEFT's ``LoraModel``: ``LoraModel(model, config, adapter_name)`` wraps ``model``'s target modules with LoRA
     layers in place; ``PeftModel.base_model`` is one for LoRA adapters."""
+
+    def inject_adapter(self, config, adapter_name: str, fill=None, module_names=None) -> None:
+        # PiSSA/OLoRA leave the base changed even after their adapter is deleted: remembered, not looked up
+        moved_by = self.__dict__.get("_base_moved_by") or base_moving_init(config)
+        if moved_by and self.peft_config:
+            warn_base_moved(moved_by)
+        super().inject_adapter(config, adapter_name, fill=fill, module_names=module_names)
+        self.__dict__["_base_moved_by"] = moved_by
+
+    def convert_for_initial_model(self, config, adapter_name: str, tensors: dict, initial_path: str):
+        """``save_pretrained(path_initial_model_for_weight_conversion=...)``: see ``initial_weights``."""
+        return convert_for_original_base(config, tensors, initial_path)
 
 
 @hookimpl
