@@ -152,10 +152,6 @@ class LayerConfig(PeftConfig):
         for pattern in patterns:
             check_regex(self, "layers_pattern", pattern)
         owner = type(self).__name__
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
-                              f"({owner}: layers_pattern only makes sense together with layers_to_transform)",
-                              "layers_pattern", self.layers_pattern)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str. "
                               f"({owner}: layers_to_transform cannot be used when target_modules is a regex string)",
@@ -163,6 +159,10 @@ class LayerConfig(PeftConfig):
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:
             raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str. "
                               f"({owner}: layers_pattern cannot be used when target_modules is a regex string)",
+                              "layers_pattern", self.layers_pattern)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                              f"({owner}: layers_pattern only makes sense together with layers_to_transform)",
                               "layers_pattern", self.layers_pattern)
 
     def combined_config(self, sources: list[LayerConfig], rank: int | None) -> LayerConfig:

@@ -53,7 +53,7 @@ class PeftModel(nn.Module):
         sign_forward(cls)  # every task class's forward reports the base model's signature (Trainer columns)
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, **kwargs):
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **kwargs):
         super().__init__()
         check_adapter_name(adapter_name)
         self._prepare_config(peft_config, model)
@@ -69,7 +69,8 @@ class PeftModel(nn.Module):
                 self._prompt_disabled = False
                 self._add_model_adapter(peft_config, adapter_name)
             else:
-                self.base_model = (method.tuner_class or LayerTuner)(model, peft_config, adapter_name)
+                self.base_model = (method.tuner_class or LayerTuner)(model, peft_config, adapter_name,
+                                                                     low_cpu_mem_usage=low_cpu_mem_usage)
                 if autocast_adapter_dtype:
                     self._upcast_adapter(adapter_name)
         if checkpointing:
@@ -832,8 +833,9 @@ def _record_base(config: PeftConfig, model: nn.Module, revision: str | None) -> 
     old, new = config.base_model_name_or_path, _base_name(model)
     config.base_model_name_or_path = new
     if old is not None and old != new:
-        warnings.warn(f"the config's base_model_name_or_path was {old!r} and is now {new!r} (the model's "
-                      "name_or_path): make sure the adapter is loaded onto the right base", stacklevel=3)
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old}' to '{new}'. Please "
+                      "ensure that the correct base model is loaded when loading this checkpoint (it is the model's "
+                      "name_or_path).", stacklevel=3)
     if revision is not None:
         if config.revision is not None and config.revision != revision:
             warnings.warn(f"the config's revision {config.revision!r} is replaced by {revision!r}", stacklevel=3)
@@ -861,8 +863,12 @@ TASK_HEADS: dict[str | None, list[str]] = {
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True, revision: str | None = None, **kwargs) -> PeftModel:
+                   autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False,
+                   **kwargs) -> PeftModel:
     """Wrap ``model`` (modified in place) with a new adapter, choosing the wrapper from ``task_type``.
+
+    ``low_cpu_mem_usage`` (layer methods) leaves the new adapter's tensors on the meta device, for weights that
+    are loaded next (``set_peft_model_state_dict``); not for training from the initialisation.
 
     As in PEFT, the config's ``base_model_name_or_path`` becomes the model's ``name_or_path`` (a warning says so
     when it replaces another name) and ``revision``, if given, the base's revision written with the adapter.
@@ -883,4 +889,5 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
             "add_adapter/load_adapter on the PeftModel instead.)", stacklevel=2
         )
     model_cls = TASK_MODELS.get(str(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
-    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                     low_cpu_mem_usage=low_cpu_mem_usage)

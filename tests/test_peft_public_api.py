@@ -431,3 +431,18 @@ def test_several_active_adapters_may_share_a_model_but_not_a_modules_to_save_wra
         with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
             model.base_model.set_adapter(["default", "third"])
         assert model.base_model.model.lin1.active_adapters == ["default"]  # refused before anything switched
+
+
+def test_get_peft_model_with_low_cpu_mem_usage_leaves_the_adapter_on_meta_like_peft():
+    for lib in (peftcore, peft):
+        model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]), low_cpu_mem_usage=True)
+        devices = {n: p.device.type for n, p in model.named_parameters()}
+        assert {d for n, d in devices.items() if "lora_" in n} == {"meta"}
+        assert {d for n, d in devices.items() if "lora_" not in n} == {"cpu"}
+
+
+def test_renaming_the_base_model_warns_with_peft_s_words():
+    mlp = MLP()
+    mlp.name_or_path = "org/model"
+    with pytest.warns(UserWarning, match="`base_model_name_or_path` was renamed from 'mine' to 'org/model'"):
+        peftcore.get_peft_model(mlp, peftcore.LoraConfig(target_modules=["lin0"], base_model_name_or_path="mine"))

@@ -104,7 +104,7 @@ def test_lstm_encoder_layers_and_dropout_reach_the_lstm():
 
 
 def test_mlp_ignores_encoder_num_layers_with_a_warning():
-    with pytest.warns(UserWarning, match="encoder_num_layers is ignored for MLP"):
+    with pytest.warns(UserWarning, match="for MLP, the argument `encoder_num_layers` is ignored"):
         model = get_peft_model(
             tiny_model("gpt2"), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_num_layers=5)
         )

@@ -156,6 +156,9 @@ class AdaLoraConfig(LayerConfig):
         if self.loftq_config:
             raise ConfigError("ADALORA does not support LOFTQ. (AdaLoraConfig: loftq_config must stay empty)",
                               "loftq_config", self.loftq_config)
+        if self.total_step is None:
+            raise ConfigError("AdaLoRA does not work when `total_step` is None, supply a value > 0. (AdaLoraConfig: "
+                              "total_step is required)", "total_step", None)
         weight = self.orth_reg_weight
         if isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight < 0:
             raise ConfigError(f"`orth_reg_weight` should be greater than or equal to 0, but the value passed is "

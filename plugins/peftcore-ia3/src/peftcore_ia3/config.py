@@ -117,8 +117,8 @@ class IA3Config(LayerConfig):
             extra = self.feedforward_modules - self.target_modules
             if extra:
                 raise ConfigError(
-                    f"IA3Config: feedforward_modules must be a subset of target_modules; {sorted(extra)} "
-                    f"are not in target_modules {sorted(self.target_modules)}", "feedforward_modules", extra,
+                    f"`feedforward_modules` should be a subset of `target_modules` (IA3Config: {sorted(extra)} "
+                    f"are not in target_modules {sorted(self.target_modules)})", "feedforward_modules", extra,
                 )
 
     def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "IA3Config":

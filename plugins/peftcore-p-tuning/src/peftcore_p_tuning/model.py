@@ -46,8 +46,8 @@ class PromptEncoder(VirtualTokenAdapter):
         else:
             if config.encoder_num_layers != MLP_LAYERS:
                 warnings.warn(
-                    f"PromptEncoderConfig: encoder_num_layers is ignored for MLP; exactly {MLP_LAYERS} hidden layers "
-                    "are used",
+                    f"for MLP, the argument `encoder_num_layers` is ignored. Exactly {MLP_LAYERS} MLP layers are "
+                    "used.",
                     stacklevel=4,
                 )
             self.mlp_head = nn.Sequential(

@@ -60,7 +60,8 @@ class PromptTuningConfig(PromptLearningConfig):
                                   "(PromptTuningConfig: prompt_tuning_init='TEXT' needs tokenizer_name_or_path)",
                                   "tokenizer_name_or_path", self.tokenizer_name_or_path)
             if self.prompt_tuning_init_text is None:
-                raise ConfigError("PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text",
+                raise ConfigError("When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None "
+                                  "(PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text)",
                                   "prompt_tuning_init_text", None)
         elif self.tokenizer_kwargs:
             raise ConfigError("tokenizer_kwargs only valid when using prompt_tuning_init='TEXT'. "
