@@ -240,6 +240,9 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
         name = disk_key(key, adapter_name, config, method)
         if name is not None:
             by_disk_name[name] = key
+    for name in state_dict:  # a base bias the file carries (saved with bias="all"/"lora_only") loads, as in PEFT,
+        if name not in by_disk_name and name.endswith(".bias") and name in own:  # whatever this config's bias
+            by_disk_name[name] = name
     unexpected = [k for k in state_dict if k not in by_disk_name]
     base_embeddings = embedding_layers.embedding_tensor_names(model, unexpected)  # save_embedding_layers wrote them
     unexpected = [k for k in unexpected if k not in base_embeddings]

@@ -446,3 +446,24 @@ def test_renaming_the_base_model_warns_with_peft_s_words():
     mlp.name_or_path = "org/model"
     with pytest.warns(UserWarning, match="`base_model_name_or_path` was renamed from 'mine' to 'org/model'"):
         peftcore.get_peft_model(mlp, peftcore.LoraConfig(target_modules=["lin0"], base_model_name_or_path="mine"))
+
+
+def test_biases_in_a_state_dict_load_whatever_the_receiving_config_says_like_peft():
+    outputs = {}
+    for lib in (peftcore, peft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], bias="all", init_lora_weights=False))
+        with torch.no_grad():
+            for module in model.modules():
+                if getattr(module, "bias", None) is not None:
+                    module.bias.fill_(1.23)
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+        expected = model(x)
+        state = lib.get_peft_model_state_dict(model)
+        torch.manual_seed(0)
+        fresh = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))  # bias="none" here
+        result = lib.set_peft_model_state_dict(fresh, state)
+        assert not result.unexpected_keys
+        torch.testing.assert_close(fresh(x), expected)
+        outputs[lib] = sorted(state)
+    assert outputs[peftcore] == outputs[peft]
