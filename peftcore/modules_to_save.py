@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from peftcore.layer import rows_by_adapter
@@ -27,8 +26,14 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # attributes such as ``weight`` or ``out_features`` read through to the module in use
-            return getattr(super().__getattr__("original_module"), name)
+            pass
+        # attributes such as ``weight`` or ``out_features`` read through to the module in use (the active copy; the
+        # original while adapters are disabled), as in PEFT
+        modules = self.__dict__["_modules"]
+        saved, active = modules.get("modules_to_save"), self.__dict__.get("_active_adapter")
+        enabled = not self.__dict__.get("_disable_adapters", False)
+        module = saved[active] if enabled and saved is not None and active in saved else modules["original_module"]
+        return getattr(module, name)
 
     @property
     def active_adapter(self) -> str | None:
@@ -86,10 +91,14 @@ class ModulesToSaveWrapper(nn.Module):
         if self._active_adapter == adapter_name:
             self._active_adapter = next(iter(self.modules_to_save), None)
 
-    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        # the arguments pass as they came: some parents call their modules with keywords only
         if adapter_names is None or self._disable_adapters:
-            return self.active_module(x, *args, **kwargs)
-        return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+            return self.active_module(*args, **kwargs)
+        if not args:
+            raise TypeError(f"mixed-adapter batches split the first positional argument by rows; "
+                            f"{type(self.original_module).__name__} was called with keywords only ({sorted(kwargs)})")
+        return self._mixed_batch_forward(*args, adapter_names=adapter_names, **kwargs)
 
     def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
         outputs = []

@@ -240,8 +240,11 @@ def default_load_adapter_state_dict(model, config: PeftConfig, adapter_name: str
         name = disk_key(key, adapter_name, config, method)
         if name is not None:
             by_disk_name[name] = key
-    for name in state_dict:  # a base bias the file carries (saved with bias="all"/"lora_only") loads, as in PEFT,
-        if name not in by_disk_name and name.endswith(".bias") and name in own:  # whatever this config's bias
+    # a base bias the file carries (saved with bias="all"/"lora_only") loads whatever this config's bias, as in PEFT;
+    # a bias that comes with its module's weight is a modules_to_save copy, which this config did not ask for
+    for name in state_dict:
+        if (name not in by_disk_name and name.endswith(".bias") and name in own
+                and f"{name[:-len('bias')]}weight" not in state_dict):
             by_disk_name[name] = name
     unexpected = [k for k in state_dict if k not in by_disk_name]
     base_embeddings = embedding_layers.embedding_tensor_names(model, unexpected)  # save_embedding_layers wrote them

@@ -467,3 +467,32 @@ def test_biases_in_a_state_dict_load_whatever_the_receiving_config_says_like_pef
         torch.testing.assert_close(fresh(x), expected)
         outputs[lib] = sorted(state)
     assert outputs[peftcore] == outputs[peft]
+
+
+def test_modules_to_save_attributes_read_the_copy_in_use_and_keyword_calls_pass_through():
+    class KeywordsOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 2)
+
+        def forward(self, *, pixel_values):
+            return self.lin(pixel_values)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.vision = nn.Linear(8, 8), KeywordsOnly()
+
+        def forward(self, x):
+            return self.vision(pixel_values=self.trunk(x))
+
+    for lib in (peftcore, peft):
+        model = lib.get_peft_model(Outer(), lib.LoraConfig(target_modules=["trunk"], modules_to_save=["vision"]))
+        wrapper = model.base_model.model.vision
+        assert wrapper.lin is wrapper.modules_to_save["default"].lin
+        with model.disable_adapter():
+            assert wrapper.lin is wrapper.original_module.lin
+            assert model(torch.ones(2, 8)).shape == (2, 2)
+        assert model(torch.ones(2, 8)).shape == (2, 2)
+        with pytest.raises(AttributeError):
+            wrapper.no_such_attribute
