@@ -385,7 +385,12 @@ NOTES = """## What peftcore does differently
   (forward plus the checkpoint's one recompute) and the input rebuild stays off under non-reentrant checkpointing:
   nothing is recomputed twice. That run's gap was the shared machine's load; the long-sequence table compares
   neighbouring processes.
-- Everything else (DoRA, quantised or hooked base layers, Embedding/Conv2d, autocast, merged or disabled adapters,
+- **QLoRA** (`peftcore_bnb/layers.py`): training on a bitsandbytes `Linear4bit` runs the same fused function, the
+  4-bit weight dequantised (bitsandbytes' own `dequantize_4bit`) for the forward GEMM and again in backward, as
+  bitsandbytes' `MatMul4Bit` does; no full-precision weight is kept between them. Inference keeps bitsandbytes' own
+  forward (and its CPU kernels). Adapters in another dtype than the input (fp32 adapters on a bf16 model) and
+  8-bit bases take the plain path.
+- Everything else (DoRA, 8-bit or hooked base layers, Embedding/Conv2d, autocast, merged or disabled adapters,
   torch.compile) takes the plain path, which is the reference the fast paths are tested against (fp32, atol 1e-5).
   `PEFTCORE_LORA_FAST=0` switches the fast paths off (the `peftcore-plain` rows, when run with `--with-plain`).
 
@@ -555,6 +560,7 @@ def splice(report: dict, path: str) -> None:
         f"Measured by `{report['command'].strip()}`, {report['started']} - {report['finished']}, load average "
         f"{_load(report['load_before'])} -> {_load(report['load_after'])}; same machine and versions as above "
         f"(bitsandbytes {_dist_version('bitsandbytes')}). " + RATIO_NOTE,
+        *_spread_note(report["sections"].get("qlora", {})),
         "",
         *targets({"sections": {k: v for k, v in report["sections"].items() if k.startswith("qlora")}}),
         SPLICE_END,
@@ -567,6 +573,17 @@ def splice(report: dict, path: str) -> None:
         text = text.rstrip("\n") + "\n\n" + "\n".join(part) + "\n"
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
+
+
+def _spread_note(section: dict) -> list[str]:
+    """Say so when the per-pair ratios of a timed section spread wide (a loaded machine): read the medians with care."""
+    wide = {k: v["vs_base"] for k, v in section.items() if k != "base" and "vs_base" in v
+            and v["vs_base"]["max"] > 1.5 * v["vs_base"]["min"]}
+    if not wide:
+        return []
+    spans = ", ".join(f"{k} {_times(v['min'])}-{_times(v['max'])} (n={v['n']})" for k, v in wide.items())
+    return ["", f"In this run the per-pair ratios spread wide ({spans}): other jobs shared the two cores. The medians "
+            "are the figures, but a ratio between them is uncertain by more than a target's margin."]
 
 
 def _dist_version(dist: str) -> str:
