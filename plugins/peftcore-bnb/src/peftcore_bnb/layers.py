@@ -156,7 +156,42 @@ class QuantizedBase:
 
 
 class QuantizedLoraMixin(QuantizedBase):
-    """LoRA extras: DoRA's magnitude reads the dequantised weight."""
+    """LoRA extras: the fused training path on 4-bit bases; DoRA's magnitude reads the dequantised weight."""
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs:
+            fused = self._fused_4bit_forward(x)
+            if fused is not None:
+                return fused
+        return super().adapted_forward(x, *args, **kwargs)
+
+    def _fused_4bit_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Training on a ``Linear4bit``: peftcore-lora's fused function with the weight dequantised on demand.
+
+        The same maths as the plain path (bitsandbytes' ``x W.T + b``, then each adapter's
+        ``s * B(A(dropout(x)))`` added), without the ``(N, out)`` LoRA product, its scaled copy
+        and the sum, and with only the input (or its factors) and the ``(N, r)`` products kept for
+        backward. The weight is dequantised in forward and again in backward, as bitsandbytes'
+        ``MatMul4Bit`` does: no full-precision copy outlives its GEMM. Inference (no gradient) keeps
+        bitsandbytes' own forward and its CPU kernels; every other case takes the plain path.
+        """
+        from peftcore_lora import fast
+        from peftcore_lora.layer import LoraLayer
+
+        base = self.get_base_layer()
+        if not quant.is_4bit(base) or not torch.is_grad_enabled() or not fast.enabled():
+            return None
+        if type(self).adapter_output is not LoraLayer.adapter_output or self.fan_in_fan_out:
+            return None
+        if not isinstance(x, torch.Tensor) or not (x.requires_grad or any(
+                p.requires_grad for name in self.active_adapters if name in self.r
+                for p in (self.lora_A[name].weight, self.lora_B[name].weight))):
+            return None
+        operands = quant.fused_4bit_operands(base, x)
+        if operands is None:
+            return None
+        form, shape, bias = operands
+        return fast.linear_forward(self, x, base=(fast.FormedWeight(form, shape), bias))
 
     def make_dora_layer(self, fan_in_fan_out: bool):
         dora_class = type(super().make_dora_layer(fan_in_fan_out))

@@ -117,6 +117,43 @@ def keep_trainable_layout(module: nn.Module, args) -> None:
         weight._peftcore_standard_layout = None
 
 
+def fused_4bit_operands(module: nn.Module, x: torch.Tensor):
+    """``(form, shape, bias)`` for computing a ``Linear4bit``'s training forward outside it, or None.
+
+    ``form()`` dequantises the weight into the input's dtype exactly as bitsandbytes' ``MatMul4Bit``
+    does in its forward and again in its backward (the same ``dequantize_4bit`` op, nested absmax
+    included). None, so that the layer runs itself, unless this call is one bitsandbytes would
+    compute as ``x W.T + b`` with that weight: standard layout (no CPU repacking), input already in
+    the compute dtype (no cast), weight quantised from that dtype, bias (if any) in it too, and no
+    forward hooks on the layer but peftcore-bnb's own layout hook (which is run here first).
+    """
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    if module._forward_hooks or any(h is not keep_trainable_layout for h in module._forward_pre_hooks.values()):
+        return None
+    if getattr(module, "_peftcore_bnb_layout_hook", False):
+        keep_trainable_layout(module, (x,))
+    if _will_repack(module, x):
+        return None
+    fix_4bit_weight_quant_state_from_module(module)
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    compute = module.compute_dtype if getattr(module, "compute_type_is_set", False) else None  # else set on first call
+    if state is None or getattr(state, "packing_format_for_cpu", False) or compute != x.dtype or state.dtype != x.dtype:
+        return None
+    if state.nested and state.state2.blocksize != 256:
+        return None  # bitsandbytes' matmul refuses it: let it say so
+    bias = module.bias
+    if bias is not None and bias.dtype != x.dtype:
+        return None
+    data = weight.data
+
+    def form() -> torch.Tensor:
+        return bnb.functional.dequantize_4bit(data, state)
+
+    return form, tuple(state.shape), bias
+
+
 def standard_layout_for_saving(module: nn.Module, prefix: str = "", keep_vars: bool = False) -> None:
     """State-dict pre-hook on every ``Linear4bit``: put the kept standard layout back before bitsandbytes saves.
 

@@ -219,6 +219,11 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, fan_in_fan_out, scalings, ps, input_rebuild, *lora):
         n = len(scalings)
+        # ``weight`` may be a :class:`FormedWeight` (a frozen weight formed on demand): formed here and
+        # again in backward, never saved, so the full-precision copy lives only while it is used
+        source = weight if isinstance(weight, FormedWeight) else None
+        if source is not None:
+            weight = source()
         y = _base_mm(x2d, weight, bias, fan_in_fan_out)
         adapters = [_Adapter(lora[3 * i], lora[3 * i + 1], lora[3 * i + 2], scalings[i], ps[i]) for i in range(n)]
         xas, masks = _lora_forward_into(y, x2d, adapters, keep=True)
@@ -229,7 +234,9 @@ class FusedLoraLinear(torch.autograd.Function):
         ctx.fan_in_fan_out, ctx.scalings, ctx.ps, ctx.n_adapters = fan_in_fan_out, scalings, ps, n
         ctx.has_mask = [m is not None for m in masks]
         ctx.n_factors = len(factors)
-        ctx.save_for_backward(x2d if keep_x and ctx.rebuild is None else None, weight, *lora, *xas,
+        ctx.weight_source = source
+        ctx.save_for_backward(x2d if keep_x and ctx.rebuild is None else None,
+                              weight if source is None else None, *lora, *xas,
                               *[m for m in masks if m is not None], *factors)
         return y
 
@@ -251,7 +258,10 @@ class FusedLoraLinear(torch.autograd.Function):
 
         dx = dw = db = None
         if needs[0]:
+            if ctx.weight_source is not None:
+                weight = ctx.weight_source()
             dx = torch.mm(dy, weight.t() if ctx.fan_in_fan_out else weight)
+            weight = None  # a formed weight goes as soon as dx has it
         if needs[1]:
             dw = torch.mm(x2d.t(), dy) if ctx.fan_in_fan_out else torch.mm(dy.t(), x2d)
         if needs[2]:
@@ -282,16 +292,46 @@ class FusedLoraLinear(torch.autograd.Function):
         return (dx, dw, db, None, None, None, None, *grads)
 
 
-def linear_forward(layer, x: torch.Tensor):
-    """Base + every active adapter of a LoRA ``Linear`` in one pass, or None (use the plain path)."""
+class FormedWeight:
+    """A frozen base weight that is formed when needed rather than stored in full precision.
+
+    A plugin for a quantised base layer passes one to :func:`linear_forward` (``base=``): the
+    fused function calls it for the forward GEMM and once more in backward for the input's
+    gradient, and keeps no reference to the formed tensor in between (as a 4-bit layer's own
+    autograd function dequantises in forward and again in backward). ``form()`` returns the
+    ``(out, in)`` weight in the input's dtype, on its device; ``shape`` is that tensor's shape.
+    """
+
+    __slots__ = ("form", "shape")
+
+    def __init__(self, form, shape: tuple[int, int]):
+        self.form, self.shape = form, tuple(shape)
+
+    def __call__(self) -> torch.Tensor:
+        return self.form()
+
+
+def linear_forward(layer, x: torch.Tensor, base=None):
+    """Base + every active adapter of a LoRA ``Linear`` in one pass, or None (use the plain path).
+
+    ``base``: ``(weight, bias)`` given by a plugin whose base layer is not a plain ``Linear`` (``weight``
+    a :class:`FormedWeight`, ``(out, in)``; the plugin has checked the layer computes ``x W.T + b``);
+    None reads them from the plain ``Linear``/``Conv1D`` base layer.
+    """
     if not _input_ok(x):
         return None
     dtype, device = x.dtype, x.device
     if not _fast_context_ok(device):
         return None
-    base = _base_tensors(layer, dtype, device)
     if base is None:
-        return None
+        base = _base_tensors(layer, dtype, device)
+        if base is None:
+            return None
+    else:
+        weight, bias = base
+        if not _matches(bias, dtype, device):
+            return None
+        base = weight, bias, False
     weight, bias, fan_in_fan_out = base
     in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
     if x.shape[-1] != in_features:
@@ -301,8 +341,9 @@ def linear_forward(layer, x: torch.Tensor):
         return None
     out_shape = x.shape[:-1] + (weight.shape[1] if fan_in_fan_out else weight.shape[0],)
     x2d = x.reshape(-1, in_features)
+    formed = isinstance(weight, FormedWeight)
 
-    if kernels.usable(x2d):
+    if not formed and kernels.usable(x2d):
         y = kernels.fused_lora_linear(x2d, weight, bias, fan_in_fan_out, adapters)
         if y is not None:
             return y.view(out_shape)
@@ -310,14 +351,15 @@ def linear_forward(layer, x: torch.Tensor):
     lora = []
     for ad in adapters:
         lora += [ad.A, ad.B, ad.bias]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora)):
+    tensors = (x, bias, *lora) if formed else (x, weight, bias, *lora)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         scalings = tuple(ad.scaling for ad in adapters)
         ps = tuple(ad.p for ad in adapters)
         y = FusedLoraLinear.apply(
             x2d, weight, bias, fan_in_fan_out, scalings, ps, rebuild.input_rebuild(x, in_features), *lora
         )
     else:
-        y = _base_mm(x2d, weight, bias, fan_in_fan_out)
+        y = _base_mm(x2d, weight() if formed else weight, bias, fan_in_fan_out)
         _lora_forward_into(y, x2d, adapters, keep=False)
     return y.view(out_shape)
 
