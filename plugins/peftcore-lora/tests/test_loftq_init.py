@@ -13,11 +13,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import peftcore
 from peftcore import LoftQConfig, LoraConfig, PeftConfig, get_peft_model
-from peftcore.testing import tiny_model
+from peftcore.testing import AcceleratorCallsOnCpu, tiny_model
 
 from peftcore_lora import loftq
 
@@ -247,22 +246,6 @@ def test_loftq_config_without_loftq_init_is_dropped_with_peft_warning():
 # -- against peft ------------------------------------------------------------------------------------------------
 
 
-class _CudaOnCpu(TorchFunctionMode):
-    """peft 0.21's ``loftq_init`` moves weights to "cuda" (or "xpu"); this runs those ``.to`` calls on the CPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.to:
-            args = tuple("cpu" if _accelerator(a) else a for a in args)
-            if _accelerator(kwargs.get("device")):
-                kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-
-
-def _accelerator(value) -> bool:
-    return isinstance(value, (str, torch.device)) and str(value).startswith(("cuda", "xpu"))
-
-
 def _llama64() -> nn.Module:
     """A tiny Llama with rows a multiple of 64 long (see test_nf4_roundtrip_is_bitsandbytes for why)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -278,7 +261,7 @@ def test_same_weights_and_config_file_as_peft(tmp_path, bits, iters):
     pytest.importorskip("scipy")  # peft's LoraConfig asks for it when init_lora_weights="loftq"
     pytest.importorskip("bitsandbytes")  # peft's LoftQ quantizes through it
     kwargs = dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="loftq")
-    with _CudaOnCpu():
+    with AcceleratorCallsOnCpu():
         theirs = peft.get_peft_model(
             _llama64(), peft.LoraConfig(**kwargs, loftq_config=peft.LoftQConfig(bits, iters))
         )
