@@ -58,6 +58,9 @@ from peftcore.version import HOOKSPEC_VERSION, __version__
 
 # Names of hookspec version 1, kept for plugins written against it.
 _RENAMED = {"ModelAdapter": InputAdapter}
+# PEFT's top-level names that an optional plugin provides (through its ``__all__``), and which one: asking for
+# one without that plugin says what to install.
+_PLUGIN_NAMES = {"replace_lora_weights_loftq": "peftcore-bnb"}
 
 
 def __getattr__(name: str):
@@ -72,6 +75,12 @@ def __getattr__(name: str):
         exported = getattr(plugin, "__all__", ())
         if name in exported:
             return getattr(plugin, name)
+    if name in _PLUGIN_NAMES:
+        message = (f"peftcore.{name} is provided by the {_PLUGIN_NAMES[name]} plugin, which is not installed "
+                   f"(pip install {_PLUGIN_NAMES[name]})")
+        if _called_by_from_import():
+            raise ImportError(message)
+        raise AttributeError(message)
     if name.endswith("Config") and name[:1].isupper():
         installed = ", ".join(m.config_class.__name__ for m in methods().values())
         hint = f"installed method configs: {installed}" if installed else no_methods_hint()

@@ -226,3 +226,23 @@ def wheel_assets(dataset: str = "sms-spam"):
         return smollm2_dir(), load_dataset(dataset)
     except AssetError as exc:
         pytest.skip(str(exc))
+
+
+class AcceleratorCallsOnCpu(torch.overrides.TorchFunctionMode):
+    """Within ``with AcceleratorCallsOnCpu():``, ``tensor.to("cuda" | "xpu", ...)`` stays on the CPU.
+
+    For interop tests against reference code that insists on a GPU for work the CPU can do (peft 0.21's LoftQ
+    moves every weight to "cuda"); nothing else changes.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _accelerator(a) else a for a in args)
+            if _accelerator(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _accelerator(value) -> bool:
+    return isinstance(value, (str, torch.device)) and str(value).startswith(("cuda", "xpu"))

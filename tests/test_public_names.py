@@ -33,3 +33,22 @@ def test_peft_type_and_task_type_are_peft_enums(name):
     assert ours.peft_type.value == theirs.peft_type.value and ours.peft_type == theirs.peft_type.value
     assert ours.task_type.value == "CAUSAL_LM" and str(ours.peft_type) == theirs.peft_type.value
     assert ours.to_dict()["peft_type"] == theirs.peft_type.value  # written as the plain string
+
+
+def test_a_name_an_uninstalled_plugin_provides_says_which_plugin():
+    """peftcore.replace_lora_weights_loftq comes from peftcore-bnb (the core never imports bitsandbytes)."""
+    from peftcore.plugins import get_plugin_manager, register_plugin, unregister_plugin
+
+    bnb_plugin = get_plugin_manager().get_plugin("bnb")
+    if bnb_plugin is not None:
+        assert peftcore.replace_lora_weights_loftq is bnb_plugin.replace_lora_weights_loftq
+        unregister_plugin(bnb_plugin)
+    try:
+        assert not hasattr(peftcore, "replace_lora_weights_loftq")
+        with pytest.raises(AttributeError, match=r"provided by the peftcore-bnb plugin, which is not installed"):
+            peftcore.replace_lora_weights_loftq  # noqa: B018
+        with pytest.raises(ImportError, match=r"pip install peftcore-bnb"):
+            from peftcore import replace_lora_weights_loftq  # noqa: F401
+    finally:
+        if bnb_plugin is not None:
+            register_plugin(bnb_plugin, name="bnb")

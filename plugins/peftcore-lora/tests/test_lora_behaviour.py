@@ -306,8 +306,8 @@ def test_config_errors_are_raised_early():
         LoraConfig(r=0)
     with pytest.raises(ValueError, match="bias"):
         LoraConfig(bias="some")
-    with pytest.raises(ValueError, match="init_lora_weights"):
-        LoraConfig(init_lora_weights="loftq")
+    with pytest.raises(ValueError, match="`loftq_config` must be specified when `init_lora_weights` is 'loftq'"):
+        LoraConfig(init_lora_weights="loftq")  # accepted with a loftq_config (test_loftq_init.py)
     with pytest.raises(ValueError, match="task_type"):
         LoraConfig(task_type="CLASSIFY")
 

@@ -4,6 +4,7 @@ For every installed method that wraps ``nn.Linear`` (LoRA, IA3, AdaLoRA) it regi
 that method's layer class, with quantised storage (:mod:`peftcore_bnb.layers`), for
 ``bnb.nn.Linear4bit`` and ``bnb.nn.Linear8bitLt``. Those are ``nn.Linear`` subclasses,
 so they are matched first (the closest class wins). The methods never import bitsandbytes.
+It also provides ``peftcore.replace_lora_weights_loftq`` (:mod:`peftcore_bnb.loftq`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from peftcore import LayerSupport, hookimpl
 
 from peftcore_bnb import quant
 from peftcore_bnb.layers import QuantizedBase, QuantizedLoraMixin, quantized_class
+from peftcore_bnb.loftq import replace_lora_weights_loftq
+
+#: what ``peftcore.<name>`` finds here (peftcore's ``__getattr__`` reads the plugins' ``__all__``)
+__all__ = ["replace_lora_weights_loftq"]
 
 # (peft_type, module, class name, mixin): the method layer classes that get a quantised twin
 _METHOD_LAYERS = (

@@ -67,8 +67,48 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 UNSUPPORTED_WHEN_SET = (
     "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "alora_invocation_tokens", "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config", "loftq_config", "use_qalora", "ensure_weight_tying",
+    "arrow_config", "kasa_config", "use_qalora", "ensure_weight_tying",
 )
+LOFTQ_BITS = (4, 8)  # PEFT 0.21: NF4 (the bnb library' 4-bit table, blocks of 64) and LLM.int8's row-wise int8
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's ``LoftQConfig``: how LoftQ quantizes the base weights it initialises LoRA from.
+
+    ``loftq_bits``: 4 (NF4) or 8 (int8); ``loftq_iter``: alternations of quantize / rank-r SVD (at least 1).
+    ``LoraConfig`` keeps it as a dict (``{"loftq_bits": 4, "loftq_iter": 1}``), as PEFT does and writes to
+    ``adapter_config.json``.
+    """
+
+    loftq_bits: int = field(default=4, metadata={"help": "Quantization bits for LoftQ"})
+    loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
+
+    def __post_init__(self):
+        for name in ("loftq_bits", "loftq_iter"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"LoftQConfig: {name} must be an integer, got {value!r}", name, value)
+        if self.loftq_bits not in LOFTQ_BITS:  # PEFT's words (it says them at get_peft_model time)
+            raise ConfigError(f"LoftQConfig: loftq_bits={self.loftq_bits}: Only nf4 and int8 quantization is "
+                              "supported (loftq_bits 4 or 8)", "loftq_bits", self.loftq_bits)
+        if self.loftq_iter <= 0:
+            raise ConfigError(f"LoftQConfig: loftq_iter={self.loftq_iter}: Number of iterations must be greater "
+                              "than 0", "loftq_iter", self.loftq_iter)
+
+
+def _loftq_dict(value) -> dict:
+    """A ``LoftQConfig`` or its dict (as read from a file), checked, as the dict PEFT keeps."""
+    if isinstance(value, LoftQConfig):
+        return dict(vars(value))
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(LoftQConfig)})
+    if unknown:
+        raise ConfigError(f"LoraConfig: loftq_config has unknown keys {unknown}; LoftQConfig takes loftq_bits and "
+                          "loftq_iter", "loftq_config", value)
+    try:
+        return dict(vars(LoftQConfig(**value)))
+    except ConfigError as exc:
+        raise ConfigError(f"LoraConfig: loftq_config={value!r}: {exc}", "loftq_config", value) from None
 
 
 @dataclass
@@ -92,8 +132,8 @@ class LoraConfig(LayerConfig):
     fan_in_fan_out: bool = field(default=False, metadata={"help": "weights stored (in, out), as GPT-2's Conv1D"})
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "which biases train"})
     use_rslora: bool = field(default=False, metadata={"help": "scale = lora_alpha / sqrt(r)"})
-    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora"]] = field(
-        default=True, metadata={"help": "True, False, gaussian, pissa, olora"}
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora", "loftq"]] = field(
+        default=True, metadata={"help": "True, False, gaussian, pissa, olora, loftq (needs loftq_config)"}
     )
     rank_pattern: Optional[dict[str, int]] = field(
         default_factory=dict, metadata={"help": "per-module r by name pattern", "range": POSITIVE}
@@ -104,7 +144,9 @@ class LoraConfig(LayerConfig):
     megatron_config: Optional[dict] = field(default=None)
     megatron_core: Optional[str] = field(default="megatron.core")
     trainable_token_indices: Optional[Union[list[int], dict]] = field(default=None)
-    loftq_config: Union[dict, None] = field(default_factory=dict)
+    loftq_config: Union[LoftQConfig, dict, None] = field(
+        default_factory=dict, metadata={"help": "LoftQConfig (or its dict) when init_lora_weights='loftq'"}
+    )
     eva_config: Optional[dict] = field(default=None)
     corda_config: Optional[dict] = field(default=None)
     lora_ga_config: Optional[dict] = field(default=None)
@@ -130,6 +172,7 @@ class LoraConfig(LayerConfig):
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False "
                               "(LoraConfig: use_dora and lora_bias cannot be combined)", "lora_bias", self.lora_bias)
         check_left_off(self, UNSUPPORTED_WHEN_SET, "peftcore-lora")
+        self._check_loftq()
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and base_moving_init(self):
             warnings.warn(
                 "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
@@ -143,6 +186,20 @@ class LoraConfig(LayerConfig):
         for name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, name):
                 check_regex(self, name, key, "key")
+
+    def _check_loftq(self) -> None:
+        """PEFT's rules: "loftq" needs a loftq_config (kept as a dict); a loftq_config without it is dropped, with
+        a warning. peftcore also checks the LoftQConfig's values here, not when the model is built."""
+        if self.loftq_config:
+            self.loftq_config = _loftq_dict(self.loftq_config)
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ConfigError("LoraConfig: `loftq_config` must be specified when `init_lora_weights` is 'loftq'.",
+                                  "loftq_config", self.loftq_config)
+        elif self.loftq_config:
+            self.loftq_config = {}
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          stacklevel=3)
 
     def combined_config(self, sources: list[LayerConfig], rank: int | None) -> "LoraConfig":
         """PEFT's config of a weighted-merge result: rank ``rank`` everywhere with alpha = rank (scale 1),

@@ -13,6 +13,7 @@ from peftcore.layer import LowRankDelta, linear_features, padded_factors, rows_b
 
 from peftcore_lora import fast
 from peftcore_lora import init as lora_init
+from peftcore_lora import loftq as lora_loftq
 from peftcore_lora.dora import DoraConv2dLayer, DoraEmbeddingLayer, DoraLinearLayer
 
 
@@ -73,7 +74,7 @@ class LoraLayer(AdapterLayer):
         self.lora_bias[adapter_name] = config.lora_bias
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.create_adapter_weights(adapter_name, r, config.lora_bias)
-        self.initialize(adapter_name, config.init_lora_weights)
+        self.initialize(adapter_name, config.init_lora_weights, config)
         if config.use_dora:
             self.place_adapter(adapter_name)  # the magnitude is computed from A, B and the base weight together
             self.lora_magnitude_vector[adapter_name] = self.make_dora_layer(config.fan_in_fan_out)
@@ -98,7 +99,10 @@ class LoraLayer(AdapterLayer):
         """The (A, B) weight tensors of an adapter."""
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
-    def initialize(self, adapter_name: str, init: bool | str) -> None:
+    def initialize(self, adapter_name: str, init: bool | str, config=None) -> None:
+        if init == "loftq":  # writes A, B and the base weight (PEFT: no default init first)
+            lora_loftq.loftq_layer_init(self, adapter_name, config.loftq_config)
+            return
         if init is True or init == "gaussian":
             lora_init.reset_lora_parameters(self, adapter_name, init)  # writes every value of A, B and B's bias
             return

@@ -10,12 +10,13 @@ from peftcore import LayerSupport, LayerTuner, Method, hookimpl
 from peftcore.method import strip_adapter_name
 from peftcore.serialization import tensors_by_module
 
-from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoraConfig, LoraRuntimeConfig, matches_pattern
+from peftcore_lora.config import DEFAULT_TARGET_MODULES, LoftQConfig, LoraConfig, LoraRuntimeConfig, matches_pattern
 from peftcore_lora.conversion import convert_to_lora, save_as_lora
 from peftcore_lora.initial_weights import base_moving_init, convert_for_original_base, warn_base_moved
 from peftcore_lora.layer import Conv2d, Embedding, Linear, LoraLayer
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig", "convert_to_lora", "save_as_lora"]
+__all__ = ["LoftQConfig", "LoraConfig", "LoraLayer", "LoraModel", "LoraRuntimeConfig", "convert_to_lora",
+           "save_as_lora"]
 
 TENSOR_PREFIXES = ("lora_",)
 
@@ -56,8 +57,8 @@ class LoraModel(LayerTuner):
 @hookimpl
 def register_methods(register):
     register(Method(peft_type="LORA", name="lora", config_class=LoraConfig, tensor_prefixes=TENSOR_PREFIXES,
-                    tuner_class=LoraModel,
-                    disk_key=lora_disk_key, description="Low-rank adapters (LoRA, rsLoRA, DoRA, PiSSA/OLoRA init)"))
+                    tuner_class=LoraModel, disk_key=lora_disk_key,
+                    description="Low-rank adapters (LoRA, rsLoRA, DoRA, PiSSA/OLoRA/LoftQ init)"))
 
 
 @hookimpl
