@@ -1099,12 +1099,9 @@ def test_lora_mixed_adapter_batch_with_modules_to_save(tmp_path):
     assert_same(both(run))
 
 
-DORA_MIXED = pytest.mark.xfail(
-    strict=True, reason="adapter_names with DoRA: peftcore raises ValueError 'Mixed-adapter batches are not supported "
-    "with DoRA adapters', PEFT 'Cannot pass `adapter_names` when DoRA is enabled.'")
 
 
-@pytest.mark.parametrize("caveat", ["training", "disable_adapter", "merged", pytest.param("dora", marks=DORA_MIXED)])
+@pytest.mark.parametrize("caveat", ["training", "disable_adapter", "merged", "dora"])
 def test_lora_mixed_adapter_batch_caveats(tmp_path, caveat):
     """The caveats: inference only; disable_adapter() takes precedence over adapter_names; no adapter_names while an
     adapter is merged; and DoRA. The user sees the same result or the same error."""
