@@ -67,7 +67,7 @@ UNSUPPORTED_WHEN_SET = (
     "alora_invocation_tokens", "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
     "arrow_config", "kasa_config", "use_qalora", "ensure_weight_tying",
 )
-LOFTQ_BITS = (4, 8)  # PEFT 0.21: NF4 (bitsandbytes' 4-bit table, blocks of 64) and LLM.int8's row-wise int8
+LOFTQ_BITS = (4, 8)  # PEFT 0.21: NF4 (QLoRA's 4-bit table, blocks of 64) and LLM.int8's row-wise int8
 
 
 @dataclass
