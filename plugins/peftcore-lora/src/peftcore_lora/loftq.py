@@ -3,7 +3,7 @@
 For a weight W, LoftQ alternates ``Q = quantize(W - B@A)`` and ``B, A = rank-r SVD of (W - Q)``; the base keeps
 ``dequantize(Q)`` and ``Q + B@A`` is closer to W than ``Q`` alone. This is PEFT 0.21's algorithm
 (``peft.utils.loftq_utils.loftq_init``), written in plain torch so it runs without the bnb library and without a
-GPU; the round trips below give the same numbers as the bnb library' own quantizers:
+GPU; the round trips below give the same numbers as bnb's own quantizers:
 
 - 4 bits: NF4 (QLoRA's NormalFloat table), absmax per block of 64 consecutive values of the stored weight, each
   value scaled into [-1, 1] and sent to the nearest table entry (a value on a midpoint goes to the lower one);
@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-# the bnb library' NF4 table (``the bnb library.functional.get_4bit_type("nf4")``; QLoRA, Dettmers et al. 2023, App. E)
+# bnb's NF4 table (``bnb.functional.get_4bit_type("nf4")``; QLoRA, Dettmers et al. 2023, App. E)
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -31,7 +31,7 @@ NF4_BLOCKSIZE = 64  # bnb.nn.Params4bit's default, which PEFT's LoftQ uses
 
 @torch.no_grad()
 def nf4_roundtrip(weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE) -> torch.Tensor:
-    """``dequantize(quantize_nf4(weight))`` in float32, blocks running over the flattened weight (as bnb)."""
+    """``dequantize(quantize_nf4(weight))`` in float32, blocks running over the flattened weight (as bnb does)."""
     flat = weight.detach().reshape(-1).to(torch.float32)
     n = flat.numel()
     padded = torch.nn.functional.pad(flat, (0, (-n) % blocksize)).view(-1, blocksize)
@@ -51,7 +51,7 @@ def int8_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     half = weight.detach().to(torch.float16)
     row_absmax = half.abs().amax(dim=1).float()
     q = torch.round(half * (127.0 / row_absmax.unsqueeze(-1))).to(torch.int8)
-    return q.float() * (row_absmax.view(-1, 1) * 7.874015718698502e-3)  # 1/127, the bnb library' constant
+    return q.float() * (row_absmax.view(-1, 1) * 7.874015718698502e-3)  # 1/127, bnb's constant
 
 
 def quantize_roundtrip(weight: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -81,7 +81,7 @@ def loftq_decompose(
     and ``B`` (out, r) with ``Q + B @ A ≈ weight``.
 
     ``num_iter`` alternations of quantize(W − B@A) and SVD(W − Q) (the first quantizes W itself). ``dequantized``:
-    an already quantized weight, dequantized (a the bnb library ``Linear4bit``'s): one SVD of ``W − dequantized`` and
+    an already quantized weight, dequantized (a bnb ``Linear4bit``'s): one SVD of ``W − dequantized`` and
     no quantizing here, as PEFT's ``replace_lora_weights_loftq``. ``transposed``: ``weight`` is stored (in, out)
     (GPT-2's Conv1D): it is quantized as stored (blocks and rows of that layout) and ``Q`` returned so, while
     ``A`` and ``B`` factor the (out, in) residual, as the LoRA layer applies them.
