@@ -252,6 +252,18 @@ def _qlora_model(shape: str, device: str, dtype, smoke: bool, lib: str):
     return model, vocab
 
 
+def _adamw_step(model, ids):
+    """One training step of the trainable parameters: forward, causal-LM loss backward, AdamW (lr 1e-4)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def model_worker(args) -> dict:
     """One (model shape, library, workload) measurement; prints JSON."""
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -280,12 +292,7 @@ def model_worker(args) -> dict:
         else:
             model = get_peft_model(model, LoraConfig(**config))
             # PEFT keeps adapters of a bf16 model in fp32 (autocast_adapter_dtype); peftcore in the model's dtype
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-            def step():
-                optimizer.zero_grad(set_to_none=True)
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
+            step = _adamw_step(model, ids)
 
         model.train()
         result["ms"] = bench_ms(step, device, reps=5 if args.smoke else 10, warmup=2)
@@ -331,12 +338,7 @@ def qlora_worker(args, device: str, dtype) -> dict:
         else:
             from peftcore import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=QLORA_TARGETS))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
+        step = _adamw_step(model, ids)
 
     model.train()
     result["ms"] = bench_ms(step, device, reps=3 if args.smoke else 10, warmup=1 if args.smoke else 2)

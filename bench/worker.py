@@ -105,18 +105,22 @@ def train(args) -> dict:
     return _paired(_train_step(args.lib, args.dropout), base, args.warmup, args.reps)
 
 
-def train_mem(args) -> dict:
-    """Peak RSS of two steps above the loaded model (adapters and optimizer object included).
-
-    Memory needs a process of its own: the base model is not loaded beside it.
-    """
-    step = _train_step(args.lib, args.dropout)
+def _peak_above_loaded(step) -> dict:
+    """Peak RSS of two calls of ``step`` above the RSS before them (what is loaded already)."""
     gc.collect()
     common.reset_peak_rss()
     before = common.rss_mib()
     step()
     step()
     return {"times": [], "values": {"peak_above_loaded_mib": common.peak_rss_mib() - before, "loaded_mib": before}}
+
+
+def train_mem(args) -> dict:
+    """Peak RSS of two steps above the loaded model (adapters and optimizer object included).
+
+    Memory needs a process of its own: the base model is not loaded beside it.
+    """
+    return _peak_above_loaded(_train_step(args.lib, args.dropout))
 
 
 def long(args) -> dict:
@@ -240,13 +244,7 @@ def qlora(args) -> dict:
 
 def qlora_mem(args) -> dict:
     """Peak RSS of two QLoRA steps above the loaded 4-bit model (adapters and optimizer object included)."""
-    step = _qlora_step(args.lib)
-    gc.collect()
-    common.reset_peak_rss()
-    before = common.rss_mib()
-    step()
-    step()
-    return {"times": [], "values": {"peak_above_loaded_mib": common.peak_rss_mib() - before, "loaded_mib": before}}
+    return _peak_above_loaded(_qlora_step(args.lib))
 
 
 def qlora_size(args) -> dict:
